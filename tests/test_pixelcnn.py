@@ -1,0 +1,120 @@
+"""The prior's math: causal masks, the exact fast sampler, sampling from the model's distribution."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import pixelcnn
+
+KINDS = sorted(pixelcnn.STACKS)
+K = 6
+GRID = (6, 7)
+
+
+def random_prior(kind, seed=0):
+    keras.utils.set_random_seed(seed)
+    prior = pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=2, output_layers=1, kind=kind)
+    # random biases too, so that no layer's output is trivially zero
+    for weight in prior.weights:
+        if "bias" in weight.path:
+            weight.assign(np.random.default_rng(seed).normal(size=weight.shape) * 0.5)
+    return prior
+
+
+def test_causal_masks():
+    np.testing.assert_array_equal(pixelcnn.causal_mask(3, 3, "A"), [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.causal_mask(3, 3, "B"), [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.causal_mask(3, 3, "V"), [[1, 1, 1], [1, 1, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.causal_mask(1, 3, "A"), [[1, 0, 0]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_never_depend_on_the_same_or_later_codes(kind):
+    prior = random_prior(kind)
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, K, size=(1, *GRID))
+    base = prior(codes).numpy()[0]
+    height, width = GRID
+    for row in range(height):
+        for col in range(width):
+            changed = codes.copy()
+            changed[0, row, col] = (codes[0, row, col] + 1 + rng.integers(K - 1)) % K
+            moved = np.abs(prior(changed).numpy()[0] - base).max(axis=-1) > 1e-6  # (h, w)
+            position = np.arange(height * width).reshape(GRID)
+            here = row * width + col
+            assert not moved[position <= here].any(), (row, col)
+            # and the model does use its context: the next code to the right, or below, sees it
+            if col + 1 < width:
+                assert moved[row, col + 1], (row, col)
+            elif row + 1 < height:
+                assert moved[row + 1, col], (row, col)
+
+
+def test_gated_prior_has_no_blind_spot():
+    """In the plain PixelCNN, a code up and to the right falls in the blind spot of a 3x3 stack;
+    the gated one's vertical stack sees every row above."""
+    prior = random_prior("gated")
+    codes = np.zeros((1, 8, 8), "int64")
+    base = prior(codes).numpy()[0, 4, 1]
+    codes[0, 2, 6] = 3  # two rows up, five columns right
+    assert np.abs(prior(codes).numpy()[0, 4, 1] - base).max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receptive_field_bound(kind):
+    """Codes more rows above than the bound never change a position's logits."""
+    prior = random_prior(kind)
+    rows_above = pixelcnn.receptive_field_rows(prior)
+    height = rows_above + 3
+    codes = np.random.default_rng(2).integers(0, K, size=(1, height, 5))
+    changed = codes.copy()
+    changed[0, 0] = (codes[0, 0] + 1) % K
+    difference = np.abs(prior(changed).numpy() - prior(codes).numpy()).max(axis=(0, 2, 3))
+    assert (difference[rows_above + 1:] < 1e-6).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_sampler_draws_what_the_naive_loop_draws(kind):
+    prior = random_prior(kind)
+    grid = (pixelcnn.receptive_field_rows(prior) + 4, 5)  # taller than the window
+    fast = pixelcnn.sample_codes(prior, 3, grid, temperature=1.0, seed=7).numpy()
+    naive = pixelcnn.sample_codes_naive(prior, 3, grid, temperature=1.0, seed=7).numpy()
+    assert fast.shape == (3, *grid) and fast.dtype == np.int32
+    assert ((fast >= 0) & (fast < K)).all()
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_sampler_is_reproducible_and_seeded():
+    prior = random_prior("plain")
+    first = pixelcnn.sample_codes(prior, 4, GRID, seed=3).numpy()
+    np.testing.assert_array_equal(first, pixelcnn.sample_codes(prior, 4, GRID, seed=3).numpy())
+    assert (first != pixelcnn.sample_codes(prior, 4, GRID, seed=4).numpy()).any()
+
+
+def fixed_logits_prior(logits):
+    """A 'prior' whose logits are the same at every position, whatever the codes."""
+    codes = keras.Input(shape=(None, None), dtype="int32")
+    silent = keras.layers.Embedding(len(logits), 1, embeddings_initializer="zeros")(codes)
+    out = keras.layers.Conv2D(len(logits), 1, kernel_initializer="zeros",
+                              bias_initializer=keras.initializers.Constant(logits))(silent)
+    return keras.Model(codes, out)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_draw_frequencies_match_the_softmax(temperature):
+    logits = np.array([2.0, 1.0, 0.0, -1.0, 0.5], "float32")
+    codes = pixelcnn.sample_codes(fixed_logits_prior(logits), 200, (5, 5), temperature, seed=0)
+    frequencies = np.bincount(codes.numpy().ravel(), minlength=len(logits)) / codes.numpy().size
+    expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+    # 5,000 draws: the standard error of each frequency is below 0.007
+    np.testing.assert_allclose(frequencies, expected, atol=0.025)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(kind, tmp_path):
+    prior = random_prior(kind)
+    codes = np.random.default_rng(3).integers(0, K, size=(2, *GRID))
+    prior.save(tmp_path / "prior.keras")
+    loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
+    np.testing.assert_array_equal(prior(codes).numpy(), loaded(codes).numpy())
