@@ -1,0 +1,84 @@
+"""Each evaluation metric on cases with known answers."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import driver
+
+
+def smooth_images(count, size=32, seed=0):
+    rows, cols = np.mgrid[:size, :size] / size
+    centres = np.random.default_rng(seed).uniform(0.3, 0.7, size=(count, 2))
+    blobs = np.exp(-((rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2) / 0.03)
+    return blobs[..., None].astype("float32")
+
+
+def test_identical_images_give_ssim_one_and_finite_psnr():
+    images = tf.constant(smooth_images(3))
+    np.testing.assert_allclose(driver.ssim(images, images).numpy(), 1.0, atol=1e-6)
+    psnr = driver.psnr(images, images).numpy()
+    assert np.isfinite(psnr).all() and (psnr >= 99).all()
+
+
+def test_psnr_of_a_known_error():
+    images = tf.zeros((1, 16, 16, 1))
+    np.testing.assert_allclose(driver.psnr(images, images + 0.1).numpy(), 20.0, rtol=1e-5)
+
+
+def test_uniform_code_usage_gives_perplexity_k():
+    counts = driver.code_counts(np.tile(np.arange(16), 5), 16)
+    metrics = driver.codebook_metrics(counts)
+    np.testing.assert_allclose(metrics["codebook_perplexity"], 16.0, rtol=1e-9)
+    assert metrics["codes_used"] == 1.0
+
+
+def test_half_the_codes_used():
+    metrics = driver.codebook_metrics(driver.code_counts(np.arange(4), 8))
+    np.testing.assert_allclose(metrics["codebook_perplexity"], 4.0)
+    assert metrics["codes_used"] == 0.5
+
+
+def test_entropy_bits():
+    assert driver.entropy_bits(np.array([5, 5, 0, 0])) == 1.0
+    assert driver.entropy_bits(np.array([7, 0])) == 0.0
+
+
+def constant_logits_prior(logits):
+    codes = keras.Input(shape=(None, None), dtype="int32")
+    silent = keras.layers.Embedding(len(logits), 1, embeddings_initializer="zeros")(codes)
+    out = keras.layers.Conv2D(len(logits), 1, kernel_initializer="zeros",
+                              bias_initializer=keras.initializers.Constant(logits))(silent)
+    return keras.Model(codes, out)
+
+
+def test_prior_nll_with_fixed_logits():
+    logits = np.log(np.array([0.5, 0.25, 0.125, 0.125]))
+    prior = constant_logits_prior(logits)
+    codes = np.array([[[0, 1], [2, 3]]] * 3, "int32")  # -log2 p: 1, 2, 3, 3 bits
+    np.testing.assert_allclose(driver.prior_nll_bits(prior, codes, batch_size=2), 9 / 4, rtol=1e-5)
+
+
+def test_nearest_neighbour_ssim_finds_the_copy():
+    images = smooth_images(6, seed=1)
+    samples = tf.constant(images[[2, 4]])
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(4)
+    np.testing.assert_allclose(driver.nearest_neighbour_ssim(samples, dataset), 1.0, atol=1e-5)
+
+
+def test_pairwise_ssim():
+    images = smooth_images(1)
+    np.testing.assert_allclose(driver.pairwise_ssim(np.repeat(images, 3, axis=0)), 1.0, atol=1e-5)
+    assert driver.pairwise_ssim(smooth_images(4, seed=2)) < 0.99
+
+
+def test_two_sample_test_cannot_tell_one_distribution_from_itself():
+    images = smooth_images(160, seed=3)
+    accuracy = driver.c2st_accuracy(images[:80], images[80:], seed=0)
+    assert 0.3 <= accuracy <= 0.7
+
+
+def test_two_sample_test_tells_trivially_different_sets_apart():
+    images = smooth_images(80, seed=4)
+    accuracy = driver.c2st_accuracy(images, 1.0 - images, seed=0)
+    assert accuracy >= 0.95
