@@ -340,23 +340,47 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
-def fit(model, data, validation, epochs, backup_dir, name, callbacks=()):
-    """model.fit with per-epoch resumable state in backup_dir and a stop on non-finite loss."""
+class HistoryFile(keras.callbacks.Callback):
+    """Keeps every epoch's logs in a JSON file, so a resumed run's history is complete."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        self.epochs = json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A run killed after writing this but before its backup repeats the epoch: overwrite it.
+        self.epochs = self.epochs[:epoch] + [{k: float(v) for k, v in logs.items()}]
+        save_json(self.epochs, self.path)
+
+
+def read_history(path):
+    """{metric: [value per epoch]} from a HistoryFile, or None if there is none."""
+    if not path.exists():
+        return None
+    epochs = json.loads(path.read_text())
+    return {key: [epoch[key] for epoch in epochs] for key in epochs[0]} if epochs else None
+
+
+def fit(model, data, validation, epochs, checkpoints, callbacks=()):
+    """model.fit that resumes from the last finished epoch, keeps its history in a file and stops
+    on a non-finite loss before that loss can reach a checkpoint."""
     return model.fit(
         data, validation_data=validation, epochs=epochs, shuffle=False,
-        callbacks=[*callbacks, StopOnNonFiniteLoss(name),
-                   keras.callbacks.BackupAndRestore(str(backup_dir))],
-    ).history
+        callbacks=[*callbacks, HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
+                   keras.callbacks.BackupAndRestore(str(checkpoints.backup))],
+    )
 
 
-def train_vqvae(splits, args, backup_dir):
+def train_vqvae(splits, args, checkpoints):
     model = vqvae.VQVAE(args.K, args.D, args.beta, data_variance=pixel_variance(splits.train))
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
     model(tf.zeros((1, args.image_size, args.image_size, 1)))  # build, so a backup can restore
-    history = fit(model, splits.shuffled_train(args.seed), splits.scaled("validate"), args.epochs,
-                  backup_dir, "VQ-VAE",
-                  callbacks=[SSIMCallback(splits.scaled("validate"), args.shift)])
-    return model, history
+    fit(model, splits.shuffled_train(args.seed), splits.scaled("validate"), args.epochs,
+        checkpoints, callbacks=[SSIMCallback(splits.scaled("validate"), args.shift)])
+    return model
 
 
 def encode(model, images):
@@ -371,15 +395,14 @@ def code_dataset(codes, batch_size, seed=None):
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def train_prior(train_codes, validate_codes, args, backup_dir):
+def train_prior(train_codes, validate_codes, args, checkpoints):
     prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
                                     args.pcnn_layers, kind=args.pcnn_type)
     prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    history = fit(prior, code_dataset(train_codes, args.batch_size, args.seed),
-                  code_dataset(validate_codes, args.batch_size), args.pcnn_epochs,
-                  backup_dir, "PixelCNN")
-    return prior, history
+    fit(prior, code_dataset(train_codes, args.batch_size, args.seed),
+        code_dataset(validate_codes, args.batch_size), args.pcnn_epochs, checkpoints)
+    return prior
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,9 +611,8 @@ def plot_codebook_usage(counts, path):
     save_figure(fig, path)
 
 
-def write_figures(models, splits, histories, sampled, test_codes, args):
+def write_figures(models, splits, vq_history, sampled, test_codes, args):
     model, _ = models
-    vq_history, _ = histories
     if vq_history:
         plot_losses(vq_history, args.out / "loss_plot.png")
         plot_ssim(vq_history, args.out / "ssim_plot.png")
@@ -609,8 +631,26 @@ def write_figures(models, splits, histories, sampled, test_codes, args):
 # The pipeline
 
 
-CHECKPOINT_FILES = {"vqvae": "vqvae.keras", "prior": "pixelcnn.keras",
-                    "histories": "histories.json", "settings": "settings.json"}
+@dataclass
+class Checkpoints:
+    """Where one model's finished .keras file, per-epoch history and resumable state live."""
+
+    model: Path
+    history: Path
+    backup: Path
+
+    @classmethod
+    def in_folder(cls, folder, name):
+        return cls(folder / f"{name}.keras", folder / f"{name}_history.json",
+                   folder / f"{name}_backup")
+
+    def remove(self):
+        self.model.unlink(missing_ok=True)
+        self.history.unlink(missing_ok=True)
+        shutil.rmtree(self.backup, ignore_errors=True)
+
+
+SETTINGS_FILE = "settings.json"
 # Flags that change what a checkpoint holds: a resumed run must use the same ones.
 MODEL_FLAGS = ("data", "image_size", "shift", "K", "D", "beta", "epochs", "batch_size",
                "learning_rate", "pcnn_type", "pcnn_epochs", "pcnn_learning_rate",
@@ -618,27 +658,34 @@ MODEL_FLAGS = ("data", "image_size", "shift", "K", "D", "beta", "epochs", "batch
 
 
 def model_settings(args):
-    return {flag: str(getattr(args, flag)) for flag in MODEL_FLAGS}
+    return {flag: getattr(args, flag) for flag in MODEL_FLAGS} | {"data": str(args.data)}
 
 
 def prepare_checkpoints(args):
-    """Start over on --fresh; refuse to resume checkpoints made with other settings."""
+    """The two models' checkpoints; --fresh removes them, and a resumed run must match them."""
     folder = args.checkpoint_dir
-    settings_file = folder / CHECKPOINT_FILES["settings"]
-    if args.fresh and not args.evaluate and folder.exists():
-        for name in (*CHECKPOINT_FILES.values(), "vqvae_backup", "pixelcnn_backup"):
-            path = folder / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     prepare_folder(folder, "--checkpoint-dir")
+    checkpoints = Checkpoints.in_folder(folder, "vqvae"), Checkpoints.in_folder(folder, "pixelcnn")
+    settings_file = folder / SETTINGS_FILE
+    if args.evaluate:
+        # evaluate the models as they were trained, on whatever data --data names now
+        if settings_file.exists():
+            saved = json.loads(settings_file.read_text())
+            vars(args).update({k: v for k, v in saved.items() if k in MODEL_FLAGS and k != "data"})
+        return checkpoints
+    if args.fresh:
+        for checkpoint in checkpoints:
+            checkpoint.remove()
+        settings_file.unlink(missing_ok=True)
     if settings_file.exists():
         saved = json.loads(settings_file.read_text())
         changed = sorted(k for k in MODEL_FLAGS if saved.get(k) != model_settings(args)[k])
-        if changed and not args.evaluate:
+        if changed:
             raise PipelineError(f"{folder} holds a run made with other settings "
                                 f"({', '.join(changed)}); pass --fresh to start over, or another "
                                 "--checkpoint-dir")
-    elif not args.evaluate:
-        save_json(model_settings(args), settings_file)
+    save_json(model_settings(args), settings_file)
+    return checkpoints
 
 
 def load_saved(path, what):
@@ -648,38 +695,21 @@ def load_saved(path, what):
     return keras.models.load_model(path, safe_mode=True)
 
 
-def trained_models(splits, args):
-    """Train the VQ-VAE and the prior, or load whichever a finished earlier run saved.
-
-    Returns the two models, their training histories and the training and validation code maps.
-    """
-    folder = args.checkpoint_dir
-    vq_path, prior_path = folder / CHECKPOINT_FILES["vqvae"], folder / CHECKPOINT_FILES["prior"]
-    histories_path = folder / CHECKPOINT_FILES["histories"]
-    histories = json.loads(histories_path.read_text()) if histories_path.exists() else {}
-    if vq_path.exists():
-        model = load_saved(vq_path, "VQ-VAE")
-    else:
-        if args.evaluate:
-            load_saved(vq_path, "VQ-VAE")
+def trained_vqvae(splits, args, checkpoints):
+    """The VQ-VAE of a finished earlier run, or a newly trained (or resumed) one."""
+    if not checkpoints.model.exists() and not args.evaluate:
         print(f"Training the VQ-VAE for {args.epochs} epochs")
-        model, histories["vqvae"] = train_vqvae(splits, args, folder / "vqvae_backup")
-        save_model(model, vq_path)
-        save_json(histories, histories_path)
-    train_codes = encode(model, splits.scaled("train"))
-    validate_codes = encode(model, splits.scaled("validate"))
-    if prior_path.exists():
-        prior = load_saved(prior_path, "PixelCNN")
-    else:
-        if args.evaluate:
-            load_saved(prior_path, "PixelCNN")
+        save_model(train_vqvae(splits, args, checkpoints), checkpoints.model)
+    return load_saved(checkpoints.model, "VQ-VAE")
+
+
+def trained_prior(train_codes, validate_codes, args, checkpoints):
+    """The PixelCNN of a finished earlier run, or a newly trained (or resumed) one."""
+    if not checkpoints.model.exists() and not args.evaluate:
         print(f"Training the {args.pcnn_type} PixelCNN for {args.pcnn_epochs} epochs on "
               f"{len(train_codes)} code maps of {train_codes.shape[1]}x{train_codes.shape[2]}")
-        prior, histories["pixelcnn"] = train_prior(train_codes, validate_codes, args,
-                                                   folder / "pixelcnn_backup")
-        save_model(prior, prior_path)
-        save_json(histories, histories_path)
-    return (model, prior), (histories.get("vqvae"), histories.get("pixelcnn")), train_codes
+        save_model(train_prior(train_codes, validate_codes, args, checkpoints), checkpoints.model)
+    return load_saved(checkpoints.model, "PixelCNN")
 
 
 def sample_images(models, args):
@@ -702,22 +732,24 @@ def print_metrics(metrics):
 def run(args):
     keras.utils.set_random_seed(args.seed)
     prepare_folder(args.out, "--out")
-    prepare_checkpoints(args)
+    vq_checkpoints, prior_checkpoints = prepare_checkpoints(args)
     splits = load_splits(args.data, args.image_size, args.shift, args.batch_size, args.demo)
-    models, histories, train_codes = trained_models(splits, args)
-    sampled_codes, sampled_images = sample_images(models, args)
-    test_codes = encode(models[0], splits.scaled("test"))
-    metrics = evaluate(models, splits, sampled_images, train_codes, test_codes, args)
+    model = trained_vqvae(splits, args, vq_checkpoints)
+    train_codes = encode(model, splits.scaled("train"))
+    prior = trained_prior(train_codes, encode(model, splits.scaled("validate")), args,
+                          prior_checkpoints)
+    sampled_codes, sampled_images = sample_images((model, prior), args)
+    test_codes = encode(model, splits.scaled("test"))
+    metrics = evaluate((model, prior), splits, sampled_images, train_codes, test_codes, args)
     save_json(metrics, args.out / "metrics.json")
     save_json(vars(args) | {"data": str(args.data), "out": str(args.out),
                             "checkpoint_dir": str(args.checkpoint_dir)},
               args.out / "run_settings.json")
-    write_figures(models, splits, histories, (sampled_codes, sampled_images.numpy()),
-                  test_codes, args)
+    write_figures((model, prior), splits, read_history(vq_checkpoints.history),
+                  (sampled_codes, sampled_images.numpy()), test_codes, args)
     print_metrics(metrics)
     print(f"\nFigures, metrics.json and run_settings.json: {args.out}/")
-    print(f"Models: {args.checkpoint_dir / CHECKPOINT_FILES['vqvae']}, "
-          f"{args.checkpoint_dir / CHECKPOINT_FILES['prior']}")
+    print(f"Models: {vq_checkpoints.model}, {prior_checkpoints.model}")
 
 
 def main(argv=None):

@@ -1,0 +1,119 @@
+"""Runs that survive faults: resume after a kill, stop on NaN, atomic outputs, reproducibility."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import driver
+import vqvae
+from conftest import write_split_folders
+from test_driver import REPO, TINY_RUN, one_line_error, run_driver
+
+KILL_TIMEOUT = 300
+
+
+def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
+    data = write_split_folders(tmp_path / "data")
+    checkpoints = tmp_path / "checkpoints"
+    epochs = 8
+    command = [sys.executable, str(REPO / "driver.py"), "--data", str(data), "--out",
+               str(tmp_path / "out"), "--checkpoint-dir", str(checkpoints), *TINY_RUN,
+               "--epochs", str(epochs)]
+    history = checkpoints / "vqvae_history.json"
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + KILL_TIMEOUT
+    while not (history.exists() and len(json.loads(history.read_text())) >= 2):
+        assert run.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    finished = len(json.loads(history.read_text()))
+    assert finished < epochs, "the run finished before it could be killed"
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Epoch 1/{epochs}" not in resumed.stdout  # it did not start over
+    assert len(json.loads(history.read_text())) == epochs
+    assert (checkpoints / "vqvae.keras").exists() and (checkpoints / "pixelcnn.keras").exists()
+
+
+def test_fresh_starts_over_and_other_settings_are_refused(tmp_path, capsys):
+    data = write_split_folders(tmp_path / "data")
+    common = ["--data", str(data), "--out", str(tmp_path / "out"),
+              "--checkpoint-dir", str(tmp_path / "ck"), *TINY_RUN]
+    assert run_driver(*common).returncode == 0
+    message = one_line_error(capsys, [*common, "--K", "8"])
+    assert "--fresh" in message and "K" in message
+    fresh = run_driver(*common, "--K", "8", "--fresh")
+    assert fresh.returncode == 0 and "Training the VQ-VAE" in fresh.stdout, fresh.stderr[-2000:]
+
+
+class PoisonWeights(keras.callbacks.Callback):
+    """Turns the weights to NaN at the start of the second epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            for weight in self.model.trainable_weights:
+                weight.assign(np.full(weight.shape, np.nan, "float32"))
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
+    model = vqvae.VQVAE(8, 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
+    model(images)
+    checkpoints = driver.Checkpoints.in_folder(tmp_path, "vqvae")
+    with pytest.raises(driver.PipelineError, match="loss became nan.*lower the learning rate"):
+        driver.fit(model, images, None, 3, checkpoints, callbacks=[PoisonWeights()])
+    assert len(json.loads(checkpoints.history.read_text())) == 1
+    restored = vqvae.VQVAE(8, 2)
+    restored.compile(optimizer=keras.optimizers.Adam(1e-3))
+    restored(images)
+    # resuming from the backup gives finite weights: the NaN epoch never reached it
+    restored.fit(images, epochs=1, verbose=0,
+                 callbacks=[keras.callbacks.BackupAndRestore(str(checkpoints.backup))])
+    assert all(np.isfinite(w.numpy()).all() for w in restored.weights)
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    driver.save_json({"old": 1.0}, target)
+
+    def write_half_then_fail(path):
+        path.write_text('{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        driver.replace_atomically(target, write_half_then_fail)
+    assert json.loads(target.read_text()) == {"old": 1.0}
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_unwritable_checkpoint_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    message = one_line_error(capsys, ["--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--checkpoint-dir", str(blocker / "ck")])
+    assert "--checkpoint-dir" in message
+
+
+def test_same_seed_same_metrics(tmp_path):
+    data = write_split_folders(tmp_path / "data")
+    metrics = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        result = run_driver("--data", data, "--out", out, "--checkpoint-dir", tmp_path / f"ck_{run}",
+                            *TINY_RUN, "--epochs", "2", "--seed", "3")
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics.append(json.loads((out / "metrics.json").read_text()))
+    for group in metrics[0]:
+        for name, value in metrics[0][group].items():
+            # float reductions on several threads may differ in the last bits
+            assert value == pytest.approx(metrics[1][group][name], rel=1e-4, abs=1e-5), name
