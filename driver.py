@@ -154,6 +154,18 @@ def build_parser():
                        help="sampling temperature: logits are divided by it "
                             "(default: %(default)s)")
 
+    hardware = parser.add_argument_group("hardware")
+    hardware.add_argument("--strategy", choices=("auto", "mirrored", "multiworker"),
+                          default="auto",
+                          help="auto: all local GPUs if there are several, else the default "
+                               "device; mirrored: tf.distribute.MirroredStrategy over local GPUs; "
+                               "multiworker: MultiWorkerMirroredStrategy configured by TF_CONFIG "
+                               "(default: %(default)s)")
+    hardware.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"),
+                          default="off",
+                          help="compute in 16 bits with float32 weights (float16 with loss "
+                               "scaling); for GPUs: it slows CPUs down (default: %(default)s)")
+
     run = parser.add_argument_group("output and run control")
     run.add_argument("--out", type=Path, default=Path("resources"),
                      help="folder for figures and metrics.json (default: %(default)s)")
@@ -374,10 +386,21 @@ def fit(model, data, validation, epochs, checkpoints, callbacks=()):
     )
 
 
+def distribution_strategy(name):
+    """The tf.distribute strategy that --strategy names; --batch_size is the global batch."""
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored" or len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
 def train_vqvae(splits, args, checkpoints):
-    model = vqvae.VQVAE(args.K, args.D, args.beta, data_variance=pixel_variance(splits.train))
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
-    model(tf.zeros((1, args.image_size, args.image_size, 1)))  # build, so a backup can restore
+    variance = pixel_variance(splits.train)
+    with distribution_strategy(args.strategy).scope():
+        model = vqvae.VQVAE(args.K, args.D, args.beta, data_variance=variance)
+        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
+        model(tf.zeros((1, args.image_size, args.image_size, 1)))  # build, so a backup restores
     fit(model, splits.shuffled_train(args.seed), splits.scaled("validate"), args.epochs,
         checkpoints, callbacks=[SSIMCallback(splits.scaled("validate"), args.shift)])
     return model
@@ -396,10 +419,11 @@ def code_dataset(codes, batch_size, seed=None):
 
 
 def train_prior(train_codes, validate_codes, args, checkpoints):
-    prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
-                                    args.pcnn_layers, kind=args.pcnn_type)
-    prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with distribution_strategy(args.strategy).scope():
+        prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
+                                        args.pcnn_layers, kind=args.pcnn_type)
+        prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     fit(prior, code_dataset(train_codes, args.batch_size, args.seed),
         code_dataset(validate_codes, args.batch_size), args.pcnn_epochs, checkpoints)
     return prior
@@ -731,6 +755,8 @@ def print_metrics(metrics):
 
 def run(args):
     keras.utils.set_random_seed(args.seed)
+    if args.mixed_precision != "off":
+        keras.mixed_precision.set_global_policy(f"mixed_{args.mixed_precision}")
     prepare_folder(args.out, "--out")
     vq_checkpoints, prior_checkpoints = prepare_checkpoints(args)
     splits = load_splits(args.data, args.image_size, args.shift, args.batch_size, args.demo)

@@ -70,7 +70,8 @@ class MaskedConv2D(layers.Layer):
         self.mask = causal_mask(*self.kernel_size, self.mask_type)[:, :, None, None]
 
     def call(self, x):
-        return ops.conv(x, self.kernel * self.mask, padding="same") + self.bias
+        mask = ops.cast(self.mask, self.compute_dtype)
+        return ops.conv(x, self.kernel * mask, padding="same") + self.bias
 
     @property
     def rows_above(self):
@@ -177,7 +178,7 @@ def build_pixelcnn(num_embeddings, filters=128, residual_blocks=2, output_layers
         x = layers.ReLU(name=f"out{i + 1}_relu")(x)
         x = layers.Conv2D(filters, 1, name=f"out{i + 1}")(x)
     x = layers.ReLU(name="logits_relu")(x)
-    logits = layers.Conv2D(num_embeddings, 1, name="logits")(x)
+    logits = layers.Conv2D(num_embeddings, 1, dtype="float32", name="logits")(x)
     return keras.Model(codes, logits, name=f"{kind}_pixelcnn")
 
 

@@ -121,7 +121,8 @@ def build_decoder(embedding_dim, residual_blocks=RESIDUAL_BLOCKS):
         x = layers.ReLU(name=f"up{i + 1}_relu")(x)
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", name=f"up{i + 1}")(x)
     x = layers.ReLU(name="out_relu")(x)
-    images = layers.Conv2D(1, 3, padding="same", name="to_image")(x)
+    # float32 output keeps the loss exact under a mixed-precision policy
+    images = layers.Conv2D(1, 3, padding="same", dtype="float32", name="to_image")(x)
     return keras.Model(latents, images, name="decoder")
 
 
@@ -144,7 +145,10 @@ class VQVAE(keras.Model):
         self.beta = beta
         self.data_variance = data_variance
         self.encoder = build_encoder(embedding_dim)
-        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, beta, name="quantizer")
+        # float32 even under mixed precision: nearest-code distances need the precision
+        self.quantizer = VectorQuantizer(
+            num_embeddings, embedding_dim, beta, dtype="float32", name="quantizer"
+        )
         self.decoder = build_decoder(embedding_dim)
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
