@@ -200,7 +200,7 @@ def parse_args(argv=None):
 def replace_atomically(path, write):
     """Call write(temporary_path), then rename the result to path."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    temporary = path.with_name(f".partial.{path.name}")  # keeps the suffix Keras checks
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -352,6 +352,18 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             )
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose files are replaced atomically: Keras writes them in place, so a kill
+    during the write left a corrupt backup that the rerun could not load."""
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        # Weights first: a kill between the two renames repeats one epoch, never skips one.
+        replace_atomically(self._weights_path, self.model.save_weights)
+        save_json({"epoch": self._current_epoch, "batch": self._last_batch_seen},
+                  Path(self._training_metadata_path))
+
+
 class HistoryFile(keras.callbacks.Callback):
     """Keeps every epoch's logs in a JSON file, so a resumed run's history is complete."""
 
@@ -382,7 +394,7 @@ def fit(model, data, validation, epochs, checkpoints, callbacks=()):
     return model.fit(
         data, validation_data=validation, epochs=epochs, shuffle=False,
         callbacks=[*callbacks, HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
-                   keras.callbacks.BackupAndRestore(str(checkpoints.backup))],
+                   AtomicBackupAndRestore(str(checkpoints.backup))],
     )
 
 

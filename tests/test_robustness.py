@@ -96,6 +96,39 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
+def compiled_vqvae():
+    model = vqvae.VQVAE(8, 2)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model(np.zeros((1, 16, 16, 1), "float32"))
+    return model
+
+
+def test_a_kill_while_backing_up_keeps_the_previous_epochs_backup(tmp_path, monkeypatch):
+    model = compiled_vqvae()
+    backup = driver.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    saved = [w.numpy() for w in model.weights]
+
+    def write_half_then_die(path):
+        open(path, "wb").write(b"\x89HDF\r\n")
+        raise KeyboardInterrupt
+
+    for weight in model.trainable_weights:
+        weight.assign(weight + 1.0)
+    monkeypatch.setattr(model, "save_weights", write_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        backup.on_epoch_end(1)
+
+    restored = compiled_vqvae()
+    restore = driver.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    restore.set_model(restored)
+    restore.on_train_begin()
+    assert restored._initial_epoch == 1
+    for expected, weight in zip(saved, restored.weights):
+        np.testing.assert_array_equal(expected, weight.numpy())
+
+
 def test_unwritable_checkpoint_dir(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
