@@ -29,6 +29,17 @@ def test_causal_masks():
     np.testing.assert_array_equal(pixelcnn.causal_mask(1, 3, "A"), [[1, 0, 0]])
 
 
+@pytest.mark.parametrize("kernel_size, mask_type",
+                         [(7, "A"), (3, "B"), (3, "V"), ((1, 7), "A"), ((1, 3), "B")])
+def test_masked_conv_is_a_same_padded_conv_with_the_masked_kernel(kernel_size, mask_type):
+    """It skips the masked-out rows and columns; the result must not change."""
+    conv = pixelcnn.MaskedConv2D(4, kernel_size, mask_type)
+    x = np.random.default_rng(0).normal(size=(2, 9, 10, 3)).astype("float32")
+    y = conv(x).numpy()
+    reference = tf.nn.conv2d(x, conv.kernel * conv.mask, 1, "SAME") + conv.bias
+    np.testing.assert_allclose(y, reference.numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_never_depend_on_the_same_or_later_codes(kind):
     prior = random_prior(kind)
@@ -62,22 +73,28 @@ def test_gated_prior_has_no_blind_spot():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_receptive_field_bound(kind):
-    """Codes more rows above than the bound never change a position's logits."""
+def test_receptive_field_is_exact(kind):
+    """A code changes the logits of exactly the positions whose receptive field holds it."""
     prior = random_prior(kind)
-    rows_above = pixelcnn.receptive_field_rows(prior)
-    height = rows_above + 3
-    codes = np.random.default_rng(2).integers(0, K, size=(1, height, 5))
+    reach = pixelcnn.receptive_field(prior)
+    height, width = reach.rows_above + 4, reach.columns_left + reach.columns_right + 5
+    row, col = 1, reach.columns_right + 2
+    codes = np.random.default_rng(2).integers(0, K, size=(1, height, width))
     changed = codes.copy()
-    changed[0, 0] = (codes[0, 0] + 1) % K
-    difference = np.abs(prior(changed).numpy() - prior(codes).numpy()).max(axis=(0, 2, 3))
-    assert (difference[rows_above + 1:] < 1e-6).all()
+    changed[0, row, col] = (codes[0, row, col] + 1) % K
+    affected = np.abs(prior(changed).numpy() - prior(codes).numpy()).max(axis=(0, 3)) > 1e-6
+    rows, cols = np.nonzero(affected)
+    assert rows.max() == row + reach.rows_above
+    assert cols[rows > row].min() == col - reach.columns_right
+    assert cols[rows > row].max() == col + reach.columns_left
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_sampler_draws_what_the_naive_loop_draws(kind):
     prior = random_prior(kind)
-    grid = (pixelcnn.receptive_field_rows(prior) + 4, 5)  # taller than the window
+    reach = pixelcnn.receptive_field(prior)
+    # larger than the window in both directions
+    grid = (reach.rows_above + 4, reach.columns_left + reach.columns_right + 4)
     fast = pixelcnn.sample_codes(prior, 3, grid, temperature=1.0, seed=7).numpy()
     naive = pixelcnn.sample_codes_naive(prior, 3, grid, temperature=1.0, seed=7).numpy()
     assert fast.shape == (3, *grid) and fast.dtype == np.int32
