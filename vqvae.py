@@ -21,6 +21,8 @@ ENCODER_FILTERS = (32, 64)
 DOWNSAMPLING = 2 ** len(ENCODER_FILTERS)
 # Residual 3x3 blocks after the strided convolutions (section 4.1 of the paper uses two).
 RESIDUAL_BLOCKS = 2
+# Scaled pixels: /255 then minus the default --shift of 0.5.
+PIXEL_RANGE = (-0.5, 0.5)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -87,6 +89,32 @@ class VectorQuantizer(layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ClipToPixelRange(layers.Layer):
+    """Clips the decoder's output to the range the scaled pixels can take, passing gradients
+    straight through.
+
+    On skull-stripped slices most pixels are the black background, the range's minimum. An
+    unclipped decoder leaves a small offset there, and SSIM, whose constants are about 1% of the
+    range, halves on a 1% offset in a flat region. Clipped, every output below the minimum is
+    exactly black. The straight-through gradient still pulls a brain pixel out of the clipped
+    region, which a plain clip (zero gradient there) would leave stuck.
+    """
+
+    def __init__(self, low, high, **kwargs):
+        super().__init__(**kwargs)
+        self.low = low
+        self.high = high
+
+    def call(self, x):
+        return x + ops.stop_gradient(ops.clip(x, self.low, self.high) - x)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(low=self.low, high=self.high)
+        return config
+
+
 def residual_block(x, filters, name):
     """ReLU, 3x3 conv, ReLU, 1x1 conv, added to the input (section 4.1 of the paper)."""
     h = layers.ReLU(name=f"{name}_relu1")(x)
@@ -111,8 +139,9 @@ def build_encoder(embedding_dim, residual_blocks=RESIDUAL_BLOCKS):
     return keras.Model(images, z_e, name="encoder")
 
 
-def build_decoder(embedding_dim, residual_blocks=RESIDUAL_BLOCKS):
-    """z_q (B, h, w, D) -> image (B, 4h, 4w, 1); mirrors the encoder with transposed convs."""
+def build_decoder(embedding_dim, pixel_range=PIXEL_RANGE, residual_blocks=RESIDUAL_BLOCKS):
+    """z_q (B, h, w, D) -> image (B, 4h, 4w, 1) in pixel_range; mirrors the encoder with
+    transposed convs."""
     latents = keras.Input(shape=(None, None, embedding_dim), name="latents")
     x = layers.Conv2D(ENCODER_FILTERS[-1], 3, padding="same", name="from_latent")(latents)
     for i in range(residual_blocks):
@@ -122,7 +151,8 @@ def build_decoder(embedding_dim, residual_blocks=RESIDUAL_BLOCKS):
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", name=f"up{i + 1}")(x)
     x = layers.ReLU(name="out_relu")(x)
     # float32 output keeps the loss exact under a mixed-precision policy
-    images = layers.Conv2D(1, 3, padding="same", dtype="float32", name="to_image")(x)
+    x = layers.Conv2D(1, 3, padding="same", dtype="float32", name="to_image")(x)
+    images = ClipToPixelRange(*pixel_range, dtype="float32", name="clip")(x)
     return keras.Model(latents, images, name="decoder")
 
 
@@ -136,10 +166,13 @@ class VQVAE(keras.Model):
         beta: commitment weight of eq. 3.
         data_variance: pixel variance of the training split; the reconstruction MSE is divided by
             it so the loss scale does not depend on the intensity range (as in the paper's code).
+        pixel_range: (low, high) of the scaled pixels; reconstructions are clipped to it.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, beta=0.25, data_variance=1.0, **kwargs):
+    def __init__(self, num_embeddings, embedding_dim, beta=0.25, data_variance=1.0,
+                 pixel_range=PIXEL_RANGE, **kwargs):
         super().__init__(**kwargs)
+        self.pixel_range = tuple(pixel_range)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = beta
@@ -149,7 +182,7 @@ class VQVAE(keras.Model):
         self.quantizer = VectorQuantizer(
             num_embeddings, embedding_dim, beta, dtype="float32", name="quantizer"
         )
-        self.decoder = build_decoder(embedding_dim)
+        self.decoder = build_decoder(embedding_dim, self.pixel_range)
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
@@ -202,5 +235,6 @@ class VQVAE(keras.Model):
             "embedding_dim": self.embedding_dim,
             "beta": self.beta,
             "data_variance": self.data_variance,
+            "pixel_range": self.pixel_range,
             "name": self.name,
         }

@@ -101,11 +101,23 @@ def test_training_reduces_loss():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = vqvae.VQVAE(8, 3, beta=0.7, data_variance=0.05)
+    model = vqvae.VQVAE(8, 3, beta=0.7, data_variance=0.05, pixel_range=(-0.25, 0.75))
     images = np.random.default_rng(0).uniform(-0.5, 0.5, size=(2, 16, 16, 1)).astype("float32")
     model(images)
     model.save(tmp_path / "vqvae.keras")
     loaded = keras.models.load_model(tmp_path / "vqvae.keras", safe_mode=True)
     np.testing.assert_array_equal(model(images).numpy(), loaded(images).numpy())
     np.testing.assert_array_equal(model.encode_to_indices(images), loaded.encode_to_indices(images))
-    assert (loaded.beta, loaded.data_variance) == (0.7, 0.05)
+    assert (loaded.beta, loaded.data_variance, loaded.pixel_range) == (0.7, 0.05, (-0.25, 0.75))
+
+
+def test_reconstructions_are_clipped_with_a_straight_through_gradient():
+    clip = vqvae.ClipToPixelRange(-0.5, 0.5)
+    x = tf.constant([-0.9, -0.5, -0.2, 0.4, 0.5, 1.3])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = clip(x)
+        loss = tf.reduce_sum(y * tf.range(1.0, 7.0))
+    np.testing.assert_allclose(y.numpy(), [-0.5, -0.5, -0.2, 0.4, 0.5, 0.5])
+    # d loss / dx is the weight of each element, clipped or not
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), np.arange(1.0, 7.0))
