@@ -40,7 +40,8 @@ SPLIT_FOLDERS = {
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 OASIS_SOURCE = (
     "OASIS slices come as keras_png_slices_data.zip from the OASIS-1 brain MRI project "
-    "(oasis-brains.org, via your course page); unzip it and pass its folder with --data"
+    "(oasis-brains.org, via your course page); unzip it and pass the folder holding "
+    "keras_png_slices_train, keras_png_slices_validate and keras_png_slices_test with --data"
 )
 EXPECTED_SIZE = 256  # OASIS slices are 256x256; other sizes are resized with a warning
 PIXEL_MAX = 255.0
@@ -94,9 +95,9 @@ image_size = checked(
 
 # Settings of --demo: small enough to finish on a 2-core CPU in minutes (see the README).
 DEMO_DEFAULTS = dict(
-    image_size=128, epochs=30, batch_size=16, learning_rate=1e-3, K=128, D=16,
-    pcnn_epochs=30, pcnn_learning_rate=1e-3, pcnn_filters=64, pcnn_res_blocks=4,
-    num_samples=32,
+    image_size=64, epochs=40, batch_size=16, learning_rate=1e-3, K=128, D=16,
+    pcnn_epochs=40, pcnn_learning_rate=1e-3, pcnn_filters=64, pcnn_res_blocks=8,
+    num_samples=64,
 )
 
 
@@ -133,7 +134,7 @@ def build_parser():
                     help="VQ-VAE Adam learning rate (default: %(default)s)")
 
     prior = parser.add_argument_group("PixelCNN prior")
-    prior.add_argument("--pcnn-type", choices=sorted(pixelcnn.STACKS), default="gated",
+    prior.add_argument("--pcnn-type", choices=pixelcnn.KINDS, default="gated",
                        help="plain masked convolutions or the gated PixelCNN "
                             "(default: %(default)s)")
     prior.add_argument("--pcnn-epochs", type=non_negative_int, default=30,
@@ -380,6 +381,29 @@ class HistoryFile(keras.callbacks.Callback):
         save_json(self.epochs, self.path)
 
 
+class KeepBest(keras.callbacks.Callback):
+    """Ends training with the weights of the epoch of lowest validation loss, kept in a file so
+    that a resumed run remembers them: the prior overfits a small training set."""
+
+    def __init__(self, path, history):
+        super().__init__()
+        self.path = path
+        self.history = history
+
+    def on_train_begin(self, logs=None):
+        epochs = json.loads(self.history.read_text()) if self.history.exists() else []
+        self.best = min((epoch["val_loss"] for epoch in epochs), default=math.inf)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs.get("val_loss", math.inf) < self.best:  # no validation data: nothing to pick
+            self.best = logs["val_loss"]
+            replace_atomically(self.path, self.model.save_weights)
+
+    def on_train_end(self, logs=None):
+        if self.path.exists():
+            self.model.load_weights(self.path)
+
+
 def read_history(path):
     """{metric: [value per epoch]} from a HistoryFile, or None if there is none."""
     if not path.exists():
@@ -389,11 +413,14 @@ def read_history(path):
 
 
 def fit(model, data, validation, epochs, checkpoints, callbacks=()):
-    """model.fit that resumes from the last finished epoch, keeps its history in a file and stops
-    on a non-finite loss before that loss can reach a checkpoint."""
+    """model.fit that resumes from the last finished epoch, keeps its history in a file, stops
+    on a non-finite loss before that loss can reach a checkpoint and ends with the weights of
+    the best validation epoch."""
     return model.fit(
         data, validation_data=validation, epochs=epochs, shuffle=False,
-        callbacks=[*callbacks, HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
+        # KeepBest before HistoryFile: a kill between the two then loses no best epoch
+        callbacks=[*callbacks, KeepBest(checkpoints.best, checkpoints.history),
+                   HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
                    AtomicBackupAndRestore(str(checkpoints.backup))],
     )
 
@@ -675,15 +702,17 @@ class Checkpoints:
     model: Path
     history: Path
     backup: Path
+    best: Path
 
     @classmethod
     def in_folder(cls, folder, name):
         return cls(folder / f"{name}.keras", folder / f"{name}_history.json",
-                   folder / f"{name}_backup")
+                   folder / f"{name}_backup", folder / f"{name}_best.weights.h5")
 
     def remove(self):
         self.model.unlink(missing_ok=True)
         self.history.unlink(missing_ok=True)
+        self.best.unlink(missing_ok=True)
         shutil.rmtree(self.backup, ignore_errors=True)
 
 

@@ -149,39 +149,70 @@ def plain_stack(embedded, filters, residual_blocks):
     return x
 
 
-def gated_block(vertical, horizontal, filters, kernel, first, name):
-    """One layer of fig. 2 of the paper: returns the new vertical, horizontal and skip maps."""
-    vertical_pre = MaskedConv2D(2 * filters, kernel, "V", name=f"{name}_vertical")(vertical)
-    horizontal_pre = MaskedConv2D(
-        2 * filters, (1, kernel), "A" if first else "B", name=f"{name}_horizontal"
-    )(horizontal)
-    vertical_to_horizontal = layers.Conv2D(2 * filters, 1, name=f"{name}_v_to_h")(
-        ShiftDown(name=f"{name}_shift")(vertical_pre)
-    )
-    horizontal_pre = layers.Add(name=f"{name}_link")([horizontal_pre, vertical_to_horizontal])
-    vertical_out = GatedActivation(name=f"{name}_vertical_gate")(vertical_pre)
-    gated = GatedActivation(name=f"{name}_horizontal_gate")(horizontal_pre)
-    skip = layers.Conv2D(filters, 1, name=f"{name}_skip")(gated)
-    horizontal_out = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
-    if not first:  # the first layer's input is the raw embedding, which it must not see
-        horizontal_out = layers.Add(name=f"{name}_add")([horizontal, horizontal_out])
-    return vertical_out, horizontal_out, skip
+def gated_kernels(residual_blocks):
+    """Kernel size of each gated layer: the first 7x7, the blocks after it 3x3."""
+    return [FIRST_KERNEL] + [BLOCK_KERNEL] * residual_blocks
 
 
-def gated_stack(embedded, filters, residual_blocks):
-    vertical, horizontal, skip = gated_block(
-        embedded, embedded, filters, FIRST_KERNEL, first=True, name="gated0"
-    )
-    skips = [skip]
-    for i in range(residual_blocks):
-        vertical, horizontal, skip = gated_block(
-            vertical, horizontal, filters, BLOCK_KERNEL, first=False, name=f"gated{i + 1}"
+def vertical_stack(filters, residual_blocks):
+    """The gated PixelCNN's vertical stack (fig. 2 of the paper): embedded codes -> one map per
+    gated layer, added into the horizontal stack, whose row i describes only the rows above i.
+
+    A model of its own, so that the sampler runs it once per row rather than once per code.
+    """
+    embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
+    vertical, links = embedded, []
+    for layer, kernel in enumerate(gated_kernels(residual_blocks)):
+        name = f"gated{layer}"
+        pre = MaskedConv2D(2 * filters, kernel, "V", name=f"{name}_vertical")(vertical)
+        shifted = ShiftDown(name=f"{name}_shift")(pre)  # row i now sees rows < i only
+        links.append(layers.Conv2D(2 * filters, 1, name=f"{name}_v_to_h")(shifted))
+        if layer < residual_blocks:  # the last layer's vertical output would feed nothing
+            vertical = GatedActivation(name=f"{name}_vertical_gate")(pre)
+    return keras.Model(embedded, links, name="vertical_stack")
+
+
+def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers):
+    """The horizontal stack and the output layers: the embedded codes and the vertical stack's
+    maps -> logits (B, h, w, K). A position reads only its own row, at and left of itself
+    (its own code never: the first layer's mask is A), plus the vertical maps.
+
+    Each gated layer computes tanh(W_f * x) * sigmoid(W_g * x) (eq. 2 of the paper) on the sum of
+    its masked 1xk convolution and the vertical map, then a 1x1 skip output and, after the
+    first, a residual connection.
+    """
+    embedded = keras.Input(shape=(None, None, filters), name="horizontal_input")
+    links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
+             for layer in range(residual_blocks + 1)]
+    horizontal, skips = embedded, []
+    for layer, (kernel, link) in enumerate(zip(gated_kernels(residual_blocks), links)):
+        name = f"gated{layer}"
+        pre = MaskedConv2D(
+            2 * filters, (1, kernel), "B" if layer else "A", name=f"{name}_horizontal"
+        )(horizontal)
+        gated = GatedActivation(name=f"{name}_horizontal_gate")(
+            layers.Add(name=f"{name}_link")([pre, link])
         )
-        skips.append(skip)
-    return layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
+        skips.append(layers.Conv2D(filters, 1, name=f"{name}_skip")(gated))
+        if layer < residual_blocks:
+            residual = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
+            # the first layer's input is the raw embedding, which must not reach the output
+            horizontal = layers.Add(name=f"{name}_add")([horizontal, residual]) if layer else residual
+    x = layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
+    logits = output_head(x, num_embeddings, filters, output_layers)
+    return keras.Model([embedded, *links], logits, name="horizontal_stack")
 
 
-STACKS = {"plain": plain_stack, "gated": gated_stack}
+def output_head(x, num_embeddings, filters, output_layers):
+    """ReLU and 1x1 convolutions, then logits over the K codes."""
+    for i in range(output_layers):
+        x = layers.ReLU(name=f"out{i + 1}_relu")(x)
+        x = layers.Conv2D(filters, 1, name=f"out{i + 1}")(x)
+    x = layers.ReLU(name="logits_relu")(x)
+    return layers.Conv2D(num_embeddings, 1, dtype="float32", name="logits")(x)
+
+
+KINDS = ("gated", "plain")
 
 
 def build_pixelcnn(num_embeddings, filters=128, residual_blocks=2, output_layers=2, kind="gated"):
@@ -198,12 +229,16 @@ def build_pixelcnn(num_embeddings, filters=128, residual_blocks=2, output_layers
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
     # one-hot tensor.
     embedded = layers.Embedding(num_embeddings, filters, name="embedding")(codes)
-    x = STACKS[kind](embedded, filters, residual_blocks)
-    for i in range(output_layers):
-        x = layers.ReLU(name=f"out{i + 1}_relu")(x)
-        x = layers.Conv2D(filters, 1, name=f"out{i + 1}")(x)
-    x = layers.ReLU(name="logits_relu")(x)
-    logits = layers.Conv2D(num_embeddings, 1, dtype="float32", name="logits")(x)
+    if kind == "gated":
+        links = keras.tree.flatten(vertical_stack(filters, residual_blocks)(embedded))
+        logits = horizontal_stack(num_embeddings, filters, residual_blocks, output_layers)(
+            [embedded, *links]
+        )
+    else:
+        logits = output_head(
+            plain_stack(embedded, filters, residual_blocks), num_embeddings, filters,
+            output_layers,
+        )
     return keras.Model(codes, logits, name=f"{kind}_pixelcnn")
 
 
@@ -221,20 +256,24 @@ def _input_layer_names(inbound_nodes):
     return []
 
 
-def receptive_field(prior):
-    """How far above, left and right of a position the prior's logits there can look: along
-    each axis, the longest path through the layer graph of the reaches of its layers."""
+def receptive_field(model):
+    """How far above, left and right of a position a model's outputs there can look: along each
+    axis, the longest path through the layer graph of the reaches of its layers (a nested model
+    counts as its own longest path). An upper bound; exact for the plain prior and for each of
+    the gated prior's two stacks."""
     reach = {}
-    config = prior.get_config()
+    config = model.get_config()
     for layer_config in config["layers"]:  # in topological order
-        name = layer_config["name"]
-        layer = prior.get_layer(name)
-        inputs = [reach[n] for n in _input_layer_names(layer_config["inbound_nodes"])]
-        reach[name] = Reach(*(
-            getattr(layer, axis, 0) + max((r[i] for r in inputs), default=0)
-            for i, axis in enumerate(Reach._fields)
+        layer = model.get_layer(layer_config["name"])
+        own = (receptive_field(layer) if isinstance(layer, keras.Model)
+               else Reach(*(getattr(layer, axis, 0) for axis in Reach._fields)))
+        inputs = [reach[name] for name in _input_layer_names(layer_config["inbound_nodes"])]
+        reach[layer.name] = Reach(*(
+            own[axis] + max((r[axis] for r in inputs), default=0) for axis in range(len(own))
         ))
-    return reach[name]  # the last layer in topological order is the logits
+    outputs = config["output_layers"]
+    outputs = [outputs] if isinstance(outputs[0], str) else outputs  # one output: not nested
+    return Reach(*(max(reach[name][axis] for name, _, _ in outputs) for axis in range(3)))
 
 
 def draw_codes(logits, temperature, seed, step):
@@ -252,12 +291,56 @@ def _write_codes(codes, row, col, values):
     return tf.tensor_scatter_nd_update(codes, positions, values)
 
 
+def _windowed_logits(prior, grid_shape):
+    """Logits at (row, col) from the smallest window of the map that the prior's receptive
+    field covers, which gives the same logits as the whole map."""
+    height, width = grid_shape
+    reach = receptive_field(prior)
+    rows = min(height, reach.rows_above + 1)
+    columns = min(width, reach.columns_left + reach.columns_right + 1)
+
+    def prepare_row(codes, row):
+        return []
+
+    def logits_at(codes, row, col, _):
+        top = tf.clip_by_value(row - rows + 1, 0, height - rows)
+        left = tf.clip_by_value(col - reach.columns_left, 0, width - columns)
+        context = codes[:, top : top + rows, left : left + columns]  # (B, rows, columns)
+        return prior(context, training=False)[:, row - top, col - left]  # (B, K)
+
+    return prepare_row, logits_at
+
+
+def _gated_logits(prior, grid_shape):
+    """Logits at (row, col) of the gated prior: its vertical stack, which at row i reads only
+    rows above i, runs once per row; per code only the horizontal stack runs, on the codes of
+    the row left of col that it can see."""
+    height, width = grid_shape
+    embedding = prior.get_layer("embedding")
+    vertical = prior.get_layer("vertical_stack")
+    horizontal = prior.get_layer("horizontal_stack")
+    rows = min(height, receptive_field(vertical).rows_above + 1)
+    columns = min(width, receptive_field(horizontal).columns_left + 1)
+
+    def prepare_row(codes, row):
+        top = tf.clip_by_value(row - rows + 1, 0, height - rows)
+        links = vertical(embedding(codes[:, top : top + rows]), training=False)
+        return [link[:, row - top] for link in keras.tree.flatten(links)]  # each (B, w, 2F)
+
+    def logits_at(codes, row, col, links):
+        left = tf.clip_by_value(col - columns + 1, 0, width - columns)
+        embedded = embedding(codes[:, row : row + 1, left : left + columns])  # (B, 1, columns, F)
+        window = [link[:, None, left : left + columns] for link in links]
+        return horizontal([embedded, *window], training=False)[:, 0, col - left]  # (B, K)
+
+    return prepare_row, logits_at
+
+
 def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
     """Draw code maps from the prior, one code at a time in raster order.
 
-    Exact, and fast: the loop runs inside one compiled graph, and the logits at (i, j) are
-    computed on the window of the map that the prior's receptive field covers (rows i - R to i,
-    columns j - L to j + R'), which gives the same logits as the whole map.
+    Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
+    than the next code's logits need (see `_gated_logits` and `_windowed_logits`).
 
     Args:
         prior: a model from `build_pixelcnn`.
@@ -270,20 +353,16 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
         int32 tensor (num_samples, h, w).
     """
     height, width = grid_shape
-    reach = receptive_field(prior)
-    rows = min(height, reach.rows_above + 1)
-    columns = min(width, reach.columns_left + reach.columns_right + 1)
+    is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
+    prepare_row, logits_at = (_gated_logits if is_gated else _windowed_logits)(prior, grid_shape)
 
     @tf.function
     def sample_all(seed):
         codes = tf.zeros((num_samples, height, width), tf.int32)
         for row in tf.range(height):
-            top = tf.clip_by_value(row - rows + 1, 0, height - rows)
+            row_context = prepare_row(codes, row)
             for col in tf.range(width):
-                left = tf.clip_by_value(col - reach.columns_left, 0, width - columns)
-                # (B, rows, columns): the part of the map that position (row, col) can see
-                context = codes[:, top : top + rows, left : left + columns]
-                logits = prior(context, training=False)[:, row - top, col - left]  # (B, K)
+                logits = logits_at(codes, row, col, row_context)
                 values = draw_codes(logits, temperature, seed, row * width + col)
                 codes = _write_codes(codes, row, col, values)
         return codes

@@ -1,6 +1,7 @@
 """driver.py as a user meets it: flags, a whole tiny run, and bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,33 @@ def test_missing_data_folder_points_to_oasis_and_demo(capsys, tmp_path):
                                       "--out", str(tmp_path / "out"),
                                       "--checkpoint-dir", str(tmp_path / "ck")])
     assert "nowhere" in message and "--demo" in message and "OASIS" in message
+    assert "keras_png_slices_train" in message
+
+
+def test_the_bundled_demo_slices_load_through_the_oasis_loader():
+    splits = driver.load_splits(driver.DEMO_DATA, 32, 0.5, 64, demo=True)
+    sizes = {split: sum(len(batch) for batch in splits.scaled(split))
+             for split in ("train", "validate", "test")}
+    assert sizes == {"train": 384, "validate": 64, "test": 64}
+    batch = next(iter(splits.scaled("train"))).numpy()
+    assert batch.shape[1:] == (32, 32, 1)
+    assert batch.min() == -0.5 and 0.0 < batch.max() <= 0.5  # black background, bright brain
+
+
+def test_demo_run_at_a_tiny_setting(tmp_path):
+    """--demo on a few of the bundled slices, 1 epoch each: the demo path end to end."""
+    data = tmp_path / "demo"
+    for folder in driver.SPLIT_FOLDERS.values():
+        (data / folder).mkdir(parents=True)
+        for image in sorted((driver.DEMO_DATA / folder).glob("*.png"))[::16]:
+            shutil.copy(image, data / folder)
+    out = tmp_path / "out"
+    result = run_driver("--demo", "--data", data, "--out", out,
+                        "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "run_settings.json").read_text())["demo"] is True
+    for figure in FIGURES:
+        assert (out / figure).exists(), figure
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty"])

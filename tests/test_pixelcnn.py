@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import pixelcnn
 
-KINDS = sorted(pixelcnn.STACKS)
+KINDS = pixelcnn.KINDS
 K = 6
 GRID = (6, 7)
 
@@ -72,21 +72,54 @@ def test_gated_prior_has_no_blind_spot():
     assert np.abs(prior(codes).numpy()[0, 4, 1] - base).max() > 1e-6
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_receptive_field_is_exact(kind):
-    """A code changes the logits of exactly the positions whose receptive field holds it."""
-    prior = random_prior(kind)
-    reach = pixelcnn.receptive_field(prior)
+def reach_of_one_code(model, inputs_for, reach):
+    """Positions of the output that change with the code at (1, columns_right + 2), and that
+    position, on a map large enough for the bound `reach`."""
     height, width = reach.rows_above + 4, reach.columns_left + reach.columns_right + 5
     row, col = 1, reach.columns_right + 2
     codes = np.random.default_rng(2).integers(0, K, size=(1, height, width))
     changed = codes.copy()
     changed[0, row, col] = (codes[0, row, col] + 1) % K
-    affected = np.abs(prior(changed).numpy() - prior(codes).numpy()).max(axis=(0, 3)) > 1e-6
-    rows, cols = np.nonzero(affected)
+    difference = np.abs(model(inputs_for(changed)).numpy() - model(inputs_for(codes)).numpy())
+    rows, cols = np.nonzero(difference.max(axis=(0, 3)) > 1e-6)
+    return rows, cols, row, col
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_receptive_field_bounds_what_a_code_changes(kind):
+    """A code changes only logits whose receptive field holds it; rows and the plain prior's
+    columns exactly."""
+    prior = random_prior(kind)
+    reach = pixelcnn.receptive_field(prior)
+    rows, cols, row, col = reach_of_one_code(prior, lambda codes: codes, reach)
     assert rows.max() == row + reach.rows_above
     assert cols[rows > row].min() == col - reach.columns_right
-    assert cols[rows > row].max() == col + reach.columns_left
+    assert cols[rows > row].max() <= col + reach.columns_left
+    if kind == "plain":
+        assert cols[rows > row].max() == col + reach.columns_left
+
+
+def test_gated_stacks_have_exact_receptive_fields():
+    """The sampler windows each stack by its own receptive field."""
+    prior = random_prior("gated")
+    embedding = prior.get_layer("embedding")
+    vertical = prior.get_layer("vertical_stack")
+    reach = pixelcnn.receptive_field(vertical)
+    rows, cols, row, col = reach_of_one_code(
+        lambda x: keras.ops.concatenate(keras.tree.flatten(vertical(x)), axis=-1),
+        embedding, reach)
+    assert rows.min() == row + 1  # shifted: a row never sees itself
+    assert rows.max() == row + reach.rows_above
+    assert (cols.min(), cols.max()) == (col - reach.columns_right, col + reach.columns_left)
+
+    horizontal = prior.get_layer("horizontal_stack")
+    reach = pixelcnn.receptive_field(horizontal)
+    no_vertical = lambda codes: [tf.zeros((*codes.shape, link.shape[-1]))  # noqa: E731
+                                 for link in horizontal.inputs[1:]]
+    rows, cols, row, col = reach_of_one_code(
+        lambda codes: horizontal([embedding(codes), *no_vertical(codes)]), lambda c: c, reach)
+    assert set(rows) == {row} and reach.rows_above == 0 and reach.columns_right == 0
+    assert (cols.min(), cols.max()) == (col + 1, col + reach.columns_left)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -129,6 +129,28 @@ def test_a_kill_while_backing_up_keeps_the_previous_epochs_backup(tmp_path, monk
         np.testing.assert_array_equal(expected, weight.numpy())
 
 
+def test_training_ends_with_the_best_validation_epoch_even_after_a_resume(tmp_path):
+    model = compiled_vqvae()
+    history = tmp_path / "history.json"
+    keep = driver.KeepBest(tmp_path / "best.weights.h5", history)
+    keep.set_model(model)
+    keep.on_train_begin()
+    best = [w.numpy() for w in model.weights]
+    keep.on_epoch_end(0, {"val_loss": 1.0})
+    driver.save_json([{"val_loss": 1.0}], history)
+    for weight in model.trainable_weights:
+        weight.assign(weight + 1.0)
+
+    # a resumed run: a worse epoch does not replace the best one
+    resumed = driver.KeepBest(tmp_path / "best.weights.h5", history)
+    resumed.set_model(model)
+    resumed.on_train_begin()
+    resumed.on_epoch_end(1, {"val_loss": 1.5})
+    resumed.on_train_end()
+    for expected, weight in zip(best, model.weights):
+        np.testing.assert_array_equal(expected, weight.numpy())
+
+
 def test_unwritable_checkpoint_dir(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
