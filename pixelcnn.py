@@ -340,7 +340,8 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
-    than the next code's logits need (see `_gated_logits` and `_windowed_logits`).
+    than the next code's logits need (see `_gated_logits` and `_windowed_logits`). To sample
+    one prior repeatedly without compiling it again, call `code_sampler` once.
 
     Args:
         prior: a model from `build_pixelcnn`.
@@ -352,12 +353,18 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
     Returns:
         int32 tensor (num_samples, h, w).
     """
+    return code_sampler(prior, grid_shape)(num_samples, temperature, seed)
+
+
+def code_sampler(prior, grid_shape):
+    """`sample_codes` for one prior and grid, compiled once: (num_samples, temperature, seed)
+    -> int32 code maps (num_samples, h, w)."""
     height, width = grid_shape
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
     prepare_row, logits_at = (_gated_logits if is_gated else _windowed_logits)(prior, grid_shape)
 
     @tf.function
-    def sample_all(seed):
+    def sample_all(num_samples, temperature, seed):
         codes = tf.zeros((num_samples, height, width), tf.int32)
         for row in tf.range(height):
             row_context = prepare_row(codes, row)
@@ -367,7 +374,12 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
                 codes = _write_codes(codes, row, col, values)
         return codes
 
-    return sample_all(tf.constant(seed, tf.int32))
+    def sample(num_samples, temperature=1.0, seed=0):
+        # tensors, so that other values reuse the compiled graph
+        return sample_all(tf.constant(num_samples, tf.int32),
+                          tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32))
+
+    return sample
 
 
 def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0):
