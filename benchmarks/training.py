@@ -1,0 +1,428 @@
+"""Training speed, peak memory and quality per time of our VQ-VAE and PixelCNN against the seed's.
+
+    python benchmarks/training.py               # about 10 minutes on a 2-core CPU
+    python benchmarks/training.py --markdown    # the same table for the README
+    python benchmarks/training.py --quick       # about 4 minutes: checks that everything runs
+
+The seed is the keras.io "vq_vae" example (its VQ-VAE, VQVAETrainer and PixelCNN), rebuilt below
+at its defaults (K=512, D=2, beta=1.5, batch 32, 256x256) and at the demo settings. Every
+measurement runs in its own subprocess, so the peak memory of one is not inherited by the next:
+
+- throughput: images/s (VQ-VAE) and code maps/s (PixelCNN) of `fit` on random in-memory batches,
+  timed after one warm-up step that traces the graph;
+- peak memory: growth of the process's peak RSS from just before the model is built;
+- quality per time: validation SSIM and PSNR of a VQ-VAE trained for the same wall-clock budget
+  on --data.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from keras import layers, ops  # noqa: E402
+
+import driver  # noqa: E402
+import pixelcnn  # noqa: E402
+import vqvae  # noqa: E402
+
+SEED = 0
+MODELS = ("seed", "ours")
+# driver.py arguments of each setting; the seed takes SEED_DEFAULTS at 256x256 and the demo's
+# K, D, batch size and learning rates at the demo size, so that both models do the same task.
+SETTINGS = {"defaults": [], "demo": ["--demo"]}
+SEED_DEFAULTS = dict(image_size=256, K=512, D=2, beta=1.5, batch_size=32, learning_rate=2e-4,
+                     pcnn_learning_rate=3e-4)
+# The keras.io PixelCNN: 128 filters, 2 residual blocks, 2 masked 1x1 layers, at any K.
+SEED_PIXELCNN_FILTERS = 128
+SEED_PIXELCNN_BLOCKS = 2
+SEED_PIXELCNN_LAYERS = 2
+# Distinct random batches cycled through by the throughput runs.
+DATA_BATCHES = 4
+# Enough epochs or steps that only a StopAfter callback ends training.
+UNLIMITED = 1_000_000
+QUICK_SECONDS = 1.0
+QUICK_BUDGET_SECONDS = 10.0
+MIB = 1024  # ru_maxrss is in KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed: keras.io's VQ-VAE and PixelCNN, as the reference the table divides by
+
+
+class SeedVectorQuantizer(layers.Layer):
+    """keras.io's quantizer: a (D, K) codebook, nearest code by argmin, lookup by one-hot matmul."""
+
+    def __init__(self, num_embeddings, embedding_dim, beta, **kwargs):
+        super().__init__(**kwargs)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.beta = beta
+
+    def build(self, input_shape):
+        # tf.random_uniform_initializer's default range, which the seed uses
+        self.embeddings = self.add_weight(
+            name="embeddings_vqvae", shape=(self.embedding_dim, self.num_embeddings),
+            initializer=keras.initializers.RandomUniform(-0.05, 0.05),
+        )
+
+    def call(self, x):
+        flat = ops.reshape(x, (-1, self.embedding_dim))  # (B, h, w, D) -> (B*h*w, D)
+        distances = (ops.sum(flat**2, axis=1, keepdims=True)
+                     + ops.sum(self.embeddings**2, axis=0)
+                     - 2 * ops.matmul(flat, self.embeddings))
+        encodings = ops.one_hot(ops.argmin(distances, axis=1), self.num_embeddings)
+        quantized = ops.matmul(encodings, ops.transpose(self.embeddings))
+        quantized = ops.reshape(quantized, ops.shape(x))  # (B*h*w, D) -> (B, h, w, D)
+        commitment_loss = ops.mean((ops.stop_gradient(quantized) - x) ** 2)
+        codebook_loss = ops.mean((quantized - ops.stop_gradient(x)) ** 2)
+        self.add_loss(self.beta * commitment_loss + codebook_loss)
+        return x + ops.stop_gradient(quantized - x)
+
+
+def seed_vqvae(num_embeddings, embedding_dim, beta, image_size):
+    """keras.io's get_vqvae: two strided convolutions down, two transposed convolutions up."""
+    images = keras.Input(shape=(image_size, image_size, 1))
+    x = layers.Conv2D(32, 3, strides=2, activation="relu", padding="same")(images)
+    x = layers.Conv2D(64, 3, strides=2, activation="relu", padding="same")(x)
+    x = layers.Conv2D(embedding_dim, 1, padding="same")(x)
+    x = SeedVectorQuantizer(num_embeddings, embedding_dim, beta, name="vector_quantizer")(x)
+    x = layers.Conv2DTranspose(64, 3, strides=2, activation="relu", padding="same")(x)
+    x = layers.Conv2DTranspose(32, 3, strides=2, activation="relu", padding="same")(x)
+    reconstructions = layers.Conv2DTranspose(1, 3, padding="same")(x)
+    return keras.Model(images, reconstructions, name="seed_vqvae")
+
+
+class SeedVQVAETrainer(keras.Model):
+    """keras.io's VQVAETrainer: MSE / train variance plus the quantizer's losses."""
+
+    def __init__(self, train_variance, num_embeddings, embedding_dim, beta, image_size):
+        super().__init__()
+        self.train_variance = train_variance
+        self.vqvae = seed_vqvae(num_embeddings, embedding_dim, beta, image_size)
+        self.total_loss_tracker = keras.metrics.Mean(name="total_loss")
+        self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
+
+    @property
+    def metrics(self):
+        return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker]
+
+    def train_step(self, x):
+        with tf.GradientTape() as tape:
+            reconstructions = self.vqvae(x)
+            reconstruction_loss = ops.mean((x - reconstructions) ** 2) / self.train_variance
+            total_loss = reconstruction_loss + sum(self.vqvae.losses)
+        gradients = tape.gradient(total_loss, self.vqvae.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.vqvae.trainable_variables))
+        self.total_loss_tracker.update_state(total_loss)
+        self.reconstruction_loss_tracker.update_state(reconstruction_loss)
+        self.vq_loss_tracker.update_state(sum(self.vqvae.losses))
+        return {m.name: m.result() for m in self.metrics}
+
+
+class SeedPixelConv(layers.Layer):
+    """keras.io's PixelConvLayer: a Conv2D whose kernel is masked on every call."""
+
+    def __init__(self, mask_type, **conv_kwargs):
+        super().__init__()
+        self.mask_type = mask_type
+        self.conv = layers.Conv2D(**conv_kwargs)
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)
+        height, width = self.conv.kernel.shape[:2]
+        self.mask = np.zeros(self.conv.kernel.shape, dtype="float32")
+        self.mask[: height // 2] = 1.0
+        self.mask[height // 2, : width // 2 + (self.mask_type == "B")] = 1.0
+
+    def call(self, x):
+        # The seed writes the masked kernel back into the weights each call; kept for its cost.
+        self.conv.kernel.assign(self.conv.kernel * self.mask)
+        return self.conv(x)
+
+
+def seed_residual_block(x, filters):
+    """keras.io's ResidualBlock: 1x1 conv (keeping all filters), masked 3x3 conv to filters/2,
+    1x1 conv back to filters, added to x."""
+    h = layers.Conv2D(filters, 1, activation="relu")(x)
+    h = SeedPixelConv("B", filters=filters // 2, kernel_size=3, activation="relu",
+                      padding="same")(h)
+    h = layers.Conv2D(filters, 1, activation="relu")(h)
+    return layers.add([x, h])
+
+
+def seed_pixelcnn(num_embeddings, grid_size):
+    """keras.io's PixelCNN over one-hot code maps (B, grid, grid) -> logits (B, grid, grid, K)."""
+    codes = keras.Input(shape=(grid_size, grid_size), dtype="int32")
+    x = SeedPixelConv("A", filters=SEED_PIXELCNN_FILTERS, kernel_size=7, activation="relu",
+                      padding="same")(ops.one_hot(codes, num_embeddings))
+    for _ in range(SEED_PIXELCNN_BLOCKS):
+        x = seed_residual_block(x, SEED_PIXELCNN_FILTERS)
+    for _ in range(SEED_PIXELCNN_LAYERS):
+        x = SeedPixelConv("B", filters=SEED_PIXELCNN_FILTERS, kernel_size=1, activation="relu")(x)
+    logits = layers.Conv2D(num_embeddings, 1)(x)
+    return keras.Model(codes, logits, name="seed_pixelcnn")
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement, run in a subprocess
+
+
+def model_settings(setting, model_name):
+    """driver.py's resolved flags for a setting, with the seed's defaults for the seed."""
+    args = driver.parse_args(SETTINGS[setting])
+    if model_name == "seed" and setting == "defaults":
+        vars(args).update(SEED_DEFAULTS)
+    return args
+
+
+def compiled_vqvae(model_name, args, variance):
+    if model_name == "seed":
+        model = SeedVQVAETrainer(variance, args.K, args.D, args.beta, args.image_size)
+    else:
+        model = vqvae.VQVAE(args.K, args.D, args.beta, data_variance=variance)
+    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
+    return model
+
+
+def reconstructor(model):
+    """The image -> reconstruction model inside a compiled VQ-VAE of either kind."""
+    return model.vqvae if isinstance(model, SeedVQVAETrainer) else model
+
+
+def compiled_prior(model_name, args):
+    grid = args.image_size // vqvae.DOWNSAMPLING
+    if model_name == "seed":
+        prior = seed_pixelcnn(args.K, grid)
+    else:
+        prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
+                                        args.pcnn_layers, kind=args.pcnn_type)
+    prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return prior
+
+
+def cycled(batches):
+    """An endless dataset of pre-batched arrays (batches, B, ...), or tuples of them: no input
+    pipeline cost."""
+    return tf.data.Dataset.from_tensor_slices(batches).repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def vqvae_job(model_name, args, rng):
+    shape = (DATA_BATCHES, args.batch_size, args.image_size, args.image_size, 1)
+    images = rng.uniform(-0.5, 0.5, shape).astype("float32")
+    return compiled_vqvae(model_name, args, float(images.var())), cycled(images)
+
+
+def pixelcnn_job(model_name, args, rng):
+    grid = args.image_size // vqvae.DOWNSAMPLING
+    codes = rng.integers(0, args.K, (DATA_BATCHES, args.batch_size, grid, grid), dtype="int32")
+    return compiled_prior(model_name, args), cycled((codes, codes))
+
+
+THROUGHPUT_JOBS = {"vqvae": vqvae_job, "pixelcnn": pixelcnn_job}
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MIB
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Stops training at the first batch end after `seconds`; counts the steps until then."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+        self.steps = 0
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        self.elapsed = time.perf_counter() - self.start
+        if self.elapsed >= self.seconds:
+            self.model.stop_training = True
+
+
+def throughput(kind, model_name, setting, seconds):
+    """Training examples per second after a warm-up step, and the peak RSS growth in MiB."""
+    args = model_settings(setting, model_name)
+    before = peak_rss_mib()
+    model, data = THROUGHPUT_JOBS[kind](model_name, args, np.random.default_rng(SEED))
+    model.fit(data, steps_per_epoch=1, shuffle=False, verbose=0)  # traces the training step
+    stop = StopAfter(seconds)
+    model.fit(data, steps_per_epoch=UNLIMITED, shuffle=False, callbacks=[stop], verbose=0)
+    return {"per_second": stop.steps * args.batch_size / stop.elapsed,
+            "memory_mib": peak_rss_mib() - before}
+
+
+def quality(model_name, setting, data_dir, budget_seconds):
+    """Validation SSIM and PSNR of a VQ-VAE trained on data_dir for budget_seconds (tracing
+    included)."""
+    args = model_settings(setting, model_name)
+    splits = driver.load_splits(data_dir, args.image_size, args.shift, args.batch_size, demo=True)
+    model = compiled_vqvae(model_name, args, driver.pixel_variance(splits.train))
+    stop = StopAfter(budget_seconds)
+    model.fit(splits.shuffled_train(args.seed), epochs=UNLIMITED, shuffle=False,
+              callbacks=[stop], verbose=0)
+    metrics = driver.reconstruction_metrics(reconstructor(model), splits.scaled("validate"),
+                                            args.shift)
+    return {"ssim": metrics["test_ssim"], "psnr": metrics["test_psnr"], "steps": stop.steps}
+
+
+def measure(job):
+    keras.utils.set_random_seed(SEED)
+    if job["kind"] == "quality":
+        return quality(job["model"], job["setting"], Path(job["data"]), job["budget_seconds"])
+    return throughput(job["kind"], job["model"], job["setting"], job["seconds"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def run_in_subprocess(job):
+    print(f"measuring {job['kind']} {job['setting']} {job['model']}", file=sys.stderr, flush=True)
+    # TensorFlow's start-up logs go to stderr: shown only if the measurement fails
+    child = subprocess.run([sys.executable, __file__, "--measure", json.dumps(job)],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        sys.exit(f"{child.stderr}\ntraining.py: error: the measurement {job} failed (above)")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def all_jobs(args):
+    for kind in THROUGHPUT_JOBS:
+        for setting in SETTINGS:
+            for model_name in MODELS:
+                yield dict(kind=kind, setting=setting, model=model_name,
+                           seconds=args.timed_seconds)
+    for model_name in MODELS:
+        yield dict(kind="quality", setting="demo", model=model_name, data=str(args.data),
+                   budget_seconds=args.budget_seconds)
+
+
+def rows(results, budget_seconds):
+    """(measurement, setting, seed, ours, which direction is better, format) per table row."""
+    metrics = [
+        ("VQ-VAE training, images/s", "vqvae", "per_second", "higher", ".1f"),
+        ("VQ-VAE training, peak RSS growth MiB", "vqvae", "memory_mib", "lower", ".0f"),
+        ("PixelCNN training, maps/s", "pixelcnn", "per_second", "higher", ".2f"),
+        ("PixelCNN training, peak RSS growth MiB", "pixelcnn", "memory_mib", "lower", ".0f"),
+        (f"validation SSIM after {budget_seconds:g} s", "quality", "ssim", "higher", ".3f"),
+        # SSIM punishes faint noise on the black background that PSNR barely sees
+        (f"validation PSNR dB after {budget_seconds:g} s", "quality", "psnr", "higher", ".2f"),
+        (f"VQ-VAE steps in {budget_seconds:g} s", "quality", "steps", "higher", "d"),
+    ]
+    for name, kind, key, better, spec in metrics:
+        for setting in SETTINGS:
+            if (kind, setting, "seed") in results:
+                seed, ours = (results[kind, setting, m][key] for m in MODELS)
+                yield name, setting_label(setting), seed, ours, better, spec
+
+
+def setting_label(setting):
+    size = model_settings(setting, "ours").image_size
+    return f"{size}x{size} {setting}"
+
+
+def table_lines(table_rows, markdown):
+    header = ("measurement", "setting", "seed", "ours", "ours/seed", "better")
+    cells = [header] + [(name, setting, format(seed, spec), format(ours, spec),
+                         f"{ours / seed:.2f}", better)
+                        for name, setting, seed, ours, better, spec in table_rows]
+    numeric = (False, False, True, True, True, False)
+    if markdown:
+        rule = tuple("---:" if right else "---" for right in numeric)
+        return [f"| {' | '.join(row)} |" for row in [cells[0], rule, *cells[1:]]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return ["  ".join(cell.rjust(w) if right else cell.ljust(w)
+                      for cell, w, right in zip(row, widths, numeric)).rstrip() for row in cells]
+
+
+def cpu_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_line():
+    return (f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()} "
+            f"{platform.release()}, GPUs: {len(tf.config.list_physical_devices('GPU'))}, "
+            f"tensorflow {tf.__version__}, keras {keras.__version__}")
+
+
+def settings_lines():
+    """What each setting means for each model, so the table says how it was made."""
+    lines = []
+    for setting in SETTINGS:
+        seed, ours = (model_settings(setting, m) for m in MODELS)
+        lines.append(
+            f"{setting_label(setting)}: seed K={seed.K} D={seed.D} batch {seed.batch_size}, "
+            f"keras.io PixelCNN ({SEED_PIXELCNN_FILTERS} filters, {SEED_PIXELCNN_BLOCKS} "
+            f"residual blocks); ours K={ours.K} D={ours.D} batch {ours.batch_size}, "
+            f"{ours.pcnn_type} PixelCNN ({ours.pcnn_filters} filters, {ours.pcnn_res_blocks} "
+            f"blocks, {ours.pcnn_layers} output layers)"
+        )
+    return lines
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timed-seconds", type=driver.positive_float, default=20.0,
+                        help="each throughput measurement trains at least this long, and at "
+                             "least one step, after its warm-up step (default: %(default)s)")
+    parser.add_argument("--budget-seconds", type=driver.positive_float, default=120.0,
+                        help="wall-clock training budget of each quality run (default: "
+                             "%(default)s)")
+    parser.add_argument("--data", type=Path, default=driver.DEMO_DATA,
+                        help="folder of keras_png_slices_{train,validate,test} for the quality "
+                             "runs (default: the bundled demo_data)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"--timed-seconds {QUICK_SECONDS:g} --budget-seconds "
+                             f"{QUICK_BUDGET_SECONDS:g}: checks that it runs")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # one job, in a subprocess
+    args = parser.parse_args()
+    if args.quick:
+        args.timed_seconds, args.budget_seconds = QUICK_SECONDS, QUICK_BUDGET_SECONDS
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    train_folder = args.data / driver.SPLIT_FOLDERS["train"]
+    if not train_folder.is_dir():
+        sys.exit(f"training.py: error: no {train_folder} for the quality runs; create the demo "
+                 "data (demo_data/make_demo_data.py) or pass --data")
+    results = {(job["kind"], job["setting"], job["model"]): run_in_subprocess(job)
+               for job in all_jobs(args)}
+    print(machine_line())
+    print("\n".join(table_lines(list(rows(results, args.budget_seconds)), args.markdown)))
+    print("\n".join(settings_lines()))
+    print(f"throughput: at least {args.timed_seconds:g} s of training after 1 warm-up step, on "
+          "random batches in memory; quality: on the validation split of "
+          f"{args.data.name}, after training on its training split")
+
+
+if __name__ == "__main__":
+    main()
