@@ -77,9 +77,7 @@ class MaskedConv2D(layers.Layer):
         # but only where those taps reach, gives the same output for up to half the work.
         mask = ops.cast(self.mask, self.compute_dtype)
         kernel = (self.kernel * mask)[: self.rows_above + 1, : self.used_columns]
-        width = self.kernel_size[1]
-        padding = [[0, 0], [self.rows_above, 0],
-                   [width // 2, self.used_columns - 1 - width // 2], [0, 0]]
+        padding = [[0, 0], [self.rows_above, 0], [self.columns_left, self.columns_right], [0, 0]]
         return ops.conv(ops.pad(x, padding), kernel, padding="valid") + self.bias
 
     @property
@@ -101,7 +99,7 @@ class MaskedConv2D(layers.Layer):
     @property
     def columns_right(self):
         """How many columns right of its output this layer reads."""
-        return self.used_columns - 1 - self.kernel_size[1] // 2
+        return self.used_columns - 1 - self.columns_left
 
     def get_config(self):
         config = super().get_config()
