@@ -437,7 +437,7 @@ def distribution_strategy(name):
 def train_vqvae(splits, args, checkpoints):
     variance = pixel_variance(splits.train)
     with distribution_strategy(args.strategy).scope():
-        model = vqvae.VQVAE(args.K, args.D, args.beta, data_variance=variance,
+        model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
                             pixel_range=(-args.shift, 1.0 - args.shift))
         model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
         model(tf.zeros((1, args.image_size, args.image_size, 1)))  # build, so a backup restores

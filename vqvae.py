@@ -21,8 +21,8 @@ ENCODER_FILTERS = (32, 64)
 DOWNSAMPLING = 2 ** len(ENCODER_FILTERS)
 # Residual 3x3 blocks after the strided convolutions (section 4.1 of the paper uses two).
 RESIDUAL_BLOCKS = 2
-# Scaled pixels: /255 then minus the default --shift of 0.5.
-PIXEL_RANGE = (-0.5, 0.5)
+# The commitment weight of the paper (section 3.2); driver.py's --beta defaults to the seed's.
+PAPER_BETA = 0.25
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -32,13 +32,13 @@ class VectorQuantizer(layers.Layer):
     Args:
         num_embeddings: K, the number of codebook vectors.
         embedding_dim: D, the size of each codebook vector (the encoder's channel count).
-        beta: weight of the commitment loss in eq. 3.
+        beta: weight of the commitment loss in eq. 3 (the paper's 0.25 by default).
 
     Calling the layer on z_e of shape (..., D) returns z_q of the same shape and adds
     `codebook_loss + beta * commitment_loss` to `self.losses`.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, beta=0.25, **kwargs):
+    def __init__(self, num_embeddings, embedding_dim, beta=PAPER_BETA, **kwargs):
         super().__init__(**kwargs)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -124,7 +124,7 @@ def residual_block(x, filters, name):
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def build_encoder(embedding_dim, residual_blocks=RESIDUAL_BLOCKS):
+def build_encoder(embedding_dim):
     """Image (B, H, W, 1) -> z_e (B, H/4, W/4, D); any H and W divisible by 4."""
     images = keras.Input(shape=(None, None, 1), name="images")
     x = images
@@ -132,19 +132,19 @@ def build_encoder(embedding_dim, residual_blocks=RESIDUAL_BLOCKS):
         x = layers.Conv2D(filters, 3, strides=2, padding="same", name=f"down{i + 1}")(x)
         if i < len(ENCODER_FILTERS) - 1:
             x = layers.ReLU(name=f"down{i + 1}_relu")(x)
-    for i in range(residual_blocks):
+    for i in range(RESIDUAL_BLOCKS):
         x = residual_block(x, ENCODER_FILTERS[-1], name=f"res{i + 1}")
     x = layers.ReLU(name="out_relu")(x)
     z_e = layers.Conv2D(embedding_dim, 1, name="to_latent")(x)
     return keras.Model(images, z_e, name="encoder")
 
 
-def build_decoder(embedding_dim, pixel_range=PIXEL_RANGE, residual_blocks=RESIDUAL_BLOCKS):
+def build_decoder(embedding_dim, pixel_range):
     """z_q (B, h, w, D) -> image (B, 4h, 4w, 1) in pixel_range; mirrors the encoder with
     transposed convs."""
     latents = keras.Input(shape=(None, None, embedding_dim), name="latents")
     x = layers.Conv2D(ENCODER_FILTERS[-1], 3, padding="same", name="from_latent")(latents)
-    for i in range(residual_blocks):
+    for i in range(RESIDUAL_BLOCKS):
         x = residual_block(x, ENCODER_FILTERS[-1], name=f"res{i + 1}")
     for i, filters in enumerate(reversed(ENCODER_FILTERS)):
         x = layers.ReLU(name=f"up{i + 1}_relu")(x)
@@ -163,14 +163,14 @@ class VQVAE(keras.Model):
     Args:
         num_embeddings: K, the codebook size.
         embedding_dim: D, the size of each code vector.
-        beta: commitment weight of eq. 3.
+        pixel_range: (low, high) of the scaled pixels; reconstructions are clipped to it.
+        beta: commitment weight of eq. 3 (the paper's 0.25 by default).
         data_variance: pixel variance of the training split; the reconstruction MSE is divided by
             it so the loss scale does not depend on the intensity range (as in the paper's code).
-        pixel_range: (low, high) of the scaled pixels; reconstructions are clipped to it.
     """
 
-    def __init__(self, num_embeddings, embedding_dim, beta=0.25, data_variance=1.0,
-                 pixel_range=PIXEL_RANGE, **kwargs):
+    def __init__(self, num_embeddings, embedding_dim, *, pixel_range, beta=PAPER_BETA,
+                 data_variance=1.0, **kwargs):
         super().__init__(**kwargs)
         self.pixel_range = tuple(pixel_range)
         self.num_embeddings = num_embeddings

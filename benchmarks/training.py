@@ -192,7 +192,8 @@ def compiled_vqvae(model_name, args, variance):
     if model_name == "seed":
         model = SeedVQVAETrainer(variance, args.K, args.D, args.beta, args.image_size)
     else:
-        model = vqvae.VQVAE(args.K, args.D, args.beta, data_variance=variance)
+        model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
+                            pixel_range=(-args.shift, 1.0 - args.shift))
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
     return model
 

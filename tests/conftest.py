@@ -8,6 +8,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+# The scaled pixel range at the default --shift of 0.5.
+PIXEL_RANGE = (-0.5, 0.5)
 SPLIT_SIZES = {"train": 16, "validate": 4, "test": 4}
 TINY_SIZE = 32
 

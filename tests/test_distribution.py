@@ -19,7 +19,7 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 
     def build(kind):
         if kind == "vqvae":
-            model = vqvae.VQVAE(8, 2, beta=0.5, data_variance=0.1)
+            model = vqvae.VQVAE(8, 2, pixel_range=(-0.5, 0.5), beta=0.5, data_variance=0.1)
             model.compile(optimizer=keras.optimizers.SGD(0.5))
             model(np.zeros((1, 16, 16, 1), "float32"))
         else:
@@ -70,7 +70,7 @@ MIXED_PRECISION_STEPS = textwrap.dedent("""
     import vqvae
     keras.mixed_precision.set_global_policy("mixed_float16")
     rng = np.random.default_rng(0)
-    model = vqvae.VQVAE(8, 2, data_variance=0.1)
+    model = vqvae.VQVAE(8, 2, pixel_range=(-0.5, 0.5), data_variance=0.1)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = rng.uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
     losses = model.fit(images, epochs=2, verbose=0).history["loss"]

@@ -13,7 +13,7 @@ import pytest
 
 import driver
 import vqvae
-from conftest import write_split_folders
+from conftest import PIXEL_RANGE, write_split_folders
 from test_driver import REPO, TINY_RUN, one_line_error, run_driver
 
 KILL_TIMEOUT = 300
@@ -65,7 +65,7 @@ class PoisonWeights(keras.callbacks.Callback):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
-    model = vqvae.VQVAE(8, 2)
+    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
     model(images)
@@ -73,7 +73,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
     with pytest.raises(driver.PipelineError, match="loss became nan.*lower the learning rate"):
         driver.fit(model, images, None, 3, checkpoints, callbacks=[PoisonWeights()])
     assert len(json.loads(checkpoints.history.read_text())) == 1
-    restored = vqvae.VQVAE(8, 2)
+    restored = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
     restored.compile(optimizer=keras.optimizers.Adam(1e-3))
     restored(images)
     # resuming from the backup gives finite weights: the NaN epoch never reached it
@@ -97,7 +97,7 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
 
 
 def compiled_vqvae():
-    model = vqvae.VQVAE(8, 2)
+    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     model(np.zeros((1, 16, 16, 1), "float32"))
     return model

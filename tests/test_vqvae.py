@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import vqvae
+from conftest import PIXEL_RANGE
 
 
 def built_quantizer(num_embeddings=7, embedding_dim=3, beta=0.25, seed=0):
@@ -29,7 +30,8 @@ def test_codebook_is_initialised_uniformly_and_trainable():
     quantizer.build((None, 4))
     values = quantizer.embeddings.numpy()
     assert np.abs(values).max() <= 1 / 512
-    assert len(np.unique(values)) == values.size
+    # distinct draws (a few may coincide: float32 uniforms take 2^23 values)
+    assert len(np.unique(values)) > 0.99 * values.size
     assert quantizer.trainable_weights == [quantizer.embeddings]
 
 
@@ -78,7 +80,7 @@ def test_vq_loss_gradients_flow_as_in_eq3():
 
 
 def test_vqvae_shapes_and_codes():
-    model = vqvae.VQVAE(num_embeddings=8, embedding_dim=2)
+    model = vqvae.VQVAE(num_embeddings=8, embedding_dim=2, pixel_range=PIXEL_RANGE)
     images = np.zeros((2, 32, 32, 1), "float32")
     assert model(images).shape == (2, 32, 32, 1)
     codes = model.encode_to_indices(images)
@@ -93,7 +95,8 @@ def test_training_reduces_loss():
     centres = np.random.default_rng(0).uniform(0.3, 0.7, size=(8, 2))
     images = np.exp(-((rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2) / 0.05)
     images = (images[..., None] - 0.5).astype("float32")
-    model = vqvae.VQVAE(16, 4, beta=0.25, data_variance=float(images.var()))
+    model = vqvae.VQVAE(16, 4, pixel_range=PIXEL_RANGE, beta=0.25,
+                        data_variance=float(images.var()))
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     history = model.fit(images, epochs=30, batch_size=8, verbose=0).history
     assert set(history) == {"loss", "reconstruction_loss", "vq_loss"}
