@@ -4,31 +4,56 @@
     python driver.py --data keras_png_slices_data    # OASIS
     python driver.py --evaluate                      # metrics and figures from saved models
 
-The pipeline: load the three splits, train the VQ-VAE (van den Oord et al. 2017), encode the
-training split to code maps once, train the PixelCNN prior (van den Oord et al. 2016) on them,
-sample new code maps and decode them, evaluate everything on the test split, write the figures
-and metrics.json into --out. Finished models go to --checkpoint-dir; a killed run resumes there.
+The pipeline, `run()`: load the three splits, train the VQ-VAE (van den Oord et al. 2017), encode
+the training split to code maps once, train the PixelCNN prior (van den Oord et al. 2016) on them,
+sample new code maps and decode them, evaluate everything on the test split (evaluation.py), write
+the samples, the figures and metrics.json into --out. Finished models go to --checkpoint-dir; a
+killed run resumes there.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-# TensorFlow's C++ start-up chatter hides the progress bars; it must be silenced before import.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+@contextlib.contextmanager
+def silenced_stderr():
+    """Sends file descriptor 2 to /dev/null: TensorFlow's C++ start-up lines (oneDNN banners, a
+    'failed call to cuInit' error on a machine without a GPU) ignore TF_CPP_MIN_LOG_LEVEL."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# Quiet only where there is no NVIDIA driver: on a GPU machine TensorFlow's warnings and errors
+# about CUDA may matter. On a CPU they are noise (a oneDNN note on int32 ops is logged as an error).
+HAS_NVIDIA_DRIVER = Path("/proc/driver/nvidia").exists()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if HAS_NVIDIA_DRIVER else "3")
+with contextlib.nullcontext() if HAS_NVIDIA_DRIVER else silenced_stderr():
+    import tensorflow as tf
+
+    tf.config.list_physical_devices("GPU")  # the CUDA probe, which logs its failure
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+import evaluation  # noqa: E402
 import pixelcnn  # noqa: E402
 import vqvae  # noqa: E402
 
@@ -45,14 +70,10 @@ OASIS_SOURCE = (
 )
 EXPECTED_SIZE = 256  # OASIS slices are 256x256; other sizes are resized with a warning
 PIXEL_MAX = 255.0
-# PSNR of identical images would be infinite: the MSE is floored here (caps PSNR at 100 dB).
-MSE_FLOOR = 1e-10
 # tf.image.ssim's Gaussian window is 11 pixels wide; the code grid is the image / 4.
 MIN_IMAGE_SIZE = 16
 FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
-C2ST_EPOCHS = 30
-C2ST_LEARNING_RATE = 1e-3
 
 
 class PipelineError(Exception):
@@ -88,7 +109,7 @@ non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 non_negative_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-image_size = checked(
+square_size = checked(
     int, lambda v: v >= MIN_IMAGE_SIZE and v % vqvae.DOWNSAMPLING == 0,
     f"a multiple of {vqvae.DOWNSAMPLING} >= {MIN_IMAGE_SIZE}",
 )
@@ -99,6 +120,8 @@ DEMO_DEFAULTS = dict(
     pcnn_epochs=40, pcnn_learning_rate=1e-3, pcnn_filters=64, pcnn_res_blocks=8,
     num_samples=64,
 )
+# Enough samples for a decisive two-sample test against OASIS's 544 test slices, drawn in minutes.
+DEFAULT_SAMPLES = 256
 
 
 def build_parser():
@@ -113,7 +136,7 @@ def build_parser():
     data.add_argument("--demo", action="store_true",
                       help=f"use the bundled demo slices in {DEMO_DATA.name}/ with settings that "
                            "finish in minutes on a CPU; flags given explicitly still win")
-    data.add_argument("--image-size", type=image_size, default=EXPECTED_SIZE,
+    data.add_argument("--image-size", type=square_size, default=EXPECTED_SIZE,
                       help="images are resized to this square size (default: %(default)s)")
     data.add_argument("--shift", type=unit_interval, default=0.5,
                       help="subtracted after dividing by 255; 0.5 gives [-0.5, 0.5] "
@@ -149,8 +172,10 @@ def build_parser():
     prior.add_argument("--pcnn-layers", type=non_negative_int, default=2,
                        help="1x1 convolution layers between the blocks and the logits "
                             "(default: %(default)s)")
-    prior.add_argument("--num-samples", type=positive_int, default=32,
-                       help="code maps to sample and decode (default: %(default)s)")
+    prior.add_argument("--num-samples", type=positive_int, default=DEFAULT_SAMPLES,
+                       help="code maps to sample, decode and save as PNGs; the realism test "
+                            f"needs at least {evaluation.MIN_IMAGES_PER_SET} "
+                            "(default: %(default)s)")
     prior.add_argument("--temperature", type=positive_float, default=1.0,
                        help="sampling temperature: logits are divided by it "
                             "(default: %(default)s)")
@@ -167,17 +192,17 @@ def build_parser():
                           help="compute in 16 bits with float32 weights (float16 with loss "
                                "scaling); for GPUs: it slows CPUs down (default: %(default)s)")
 
-    run = parser.add_argument_group("output and run control")
-    run.add_argument("--out", type=Path, default=Path("resources"),
+    output = parser.add_argument_group("output and run control")
+    output.add_argument("--out", type=Path, default=Path("resources"),
                      help="folder for figures and metrics.json (default: %(default)s)")
-    run.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
+    output.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
                      help="folder for trained models and resumable state (default: %(default)s)")
-    run.add_argument("--seed", type=non_negative_int, default=0,
+    output.add_argument("--seed", type=non_negative_int, default=0,
                      help="seed of every random source (default: %(default)s)")
-    run.add_argument("--evaluate", action="store_true",
+    output.add_argument("--evaluate", action="store_true",
                      help="skip training: load the models in --checkpoint-dir and recompute "
                           "metrics and figures")
-    run.add_argument("--fresh", action="store_true",
+    output.add_argument("--fresh", action="store_true",
                      help="ignore and replace checkpoints of an earlier run instead of resuming")
     return parser
 
@@ -188,8 +213,10 @@ def parse_args(argv=None):
     if args.demo:
         parser.set_defaults(data=DEMO_DATA, **DEMO_DEFAULTS)
         args = parser.parse_args(argv)
-    if args.num_samples < 2:
-        parser.error("argument --num-samples: expected an integer >= 2 (diversity compares pairs)")
+    if args.num_samples < evaluation.MIN_IMAGES_PER_SET:
+        parser.error(f"argument --num-samples: expected an integer >= "
+                     f"{evaluation.MIN_IMAGES_PER_SET} (the realism test's "
+                     f"{evaluation.C2ST_FOLDS}-fold cross-validation), got {args.num_samples}")
     return args
 
 
@@ -220,6 +247,37 @@ def save_json(data, path):
 
 def save_model(model, path):
     replace_atomically(path, model.save)
+
+
+def replace_folder_atomically(folder, write):
+    """Call write(temporary_folder), then put the result in folder's place: a rerun never leaves a
+    half-written folder, and the old one is removed only once the new one is complete."""
+    folder = Path(folder)
+    temporary, previous = (folder.with_name(f"{prefix}{folder.name}")
+                           for prefix in (".partial.", ".previous."))
+    for leftover in (temporary, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        temporary.mkdir(parents=True)
+        write(temporary)
+        if folder.exists():
+            os.replace(folder, previous)  # a directory cannot be renamed onto a full one
+        os.replace(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_sample_pngs(images, folder):
+    """Each image in [0, 1] as an 8-bit grayscale PNG, mapped back as the input slices were read
+    (pixel / 255): sample_000.png, sample_001.png, ..."""
+
+    def write(temporary):
+        for index, image in enumerate(images):
+            pixels = np.round(np.asarray(image)[..., 0] * PIXEL_MAX).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(temporary / f"sample_{index:03d}.png")
+
+    replace_folder_atomically(folder, write)
 
 
 def prepare_folder(folder, flag):
@@ -269,7 +327,6 @@ def check_split_folder(folder):
 
 def load_split(folder, size):
     """Decode a split once into a cached dataset of uint8 images (N, size, size, 1)."""
-    check_split_folder(folder)
     images = keras.utils.image_dataset_from_directory(
         folder, labels=None, color_mode="grayscale", image_size=(size, size),
         batch_size=None, shuffle=False, verbose=False,
@@ -288,24 +345,34 @@ class Splits:
 
     def scaled(self, split):
         """Batches of images in [-shift, 1 - shift]."""
-        return (getattr(self, split).batch(self.batch_size)
-                .map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX - self.shift)
-                .prefetch(tf.data.AUTOTUNE))
+        return self._batched_and_scaled(getattr(self, split))
 
     def shuffled_train(self, seed):
         count = int(self.train.cardinality())
-        return (self.train.shuffle(count, seed=seed, reshuffle_each_iteration=True)
-                .batch(self.batch_size)
+        return self._batched_and_scaled(
+            self.train.shuffle(count, seed=seed, reshuffle_each_iteration=True))
+
+    def _batched_and_scaled(self, images):
+        return (images.batch(self.batch_size)
                 .map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX - self.shift)
                 .prefetch(tf.data.AUTOTUNE))
+
+    def pixels(self, split):
+        """The split's uint8 images as one array (N, size, size, 1)."""
+        return np.concatenate(list(getattr(self, split).batch(256).as_numpy_iterator()))
 
 
 def load_splits(data_dir, size, shift, batch_size, demo):
     if not data_dir.is_dir():
         hint = "" if demo else f"; {OASIS_SOURCE}, or run with --demo for the bundled slices"
         raise PipelineError(f"data folder {data_dir} not found{hint}")
-    train, validate, test = (load_split(data_dir / SPLIT_FOLDERS[s], size) for s in SPLIT_FOLDERS)
-    return Splits(train, validate, test, shift, batch_size)
+    folders = {split: data_dir / folder for split, folder in SPLIT_FOLDERS.items()}
+    test_count = [check_split_folder(folder) for folder in folders.values()][-1]
+    if test_count < evaluation.MIN_IMAGES_PER_SET:
+        raise PipelineError(
+            f"{folders['test']} holds {test_count} images; the realism test needs at least "
+            f"{evaluation.MIN_IMAGES_PER_SET} ({evaluation.C2ST_FOLDS}-fold cross-validation)")
+    return Splits(*(load_split(folder, size) for folder in folders.values()), shift, batch_size)
 
 
 def pixel_variance(images):
@@ -324,9 +391,10 @@ def pixel_variance(images):
 # Training
 
 
-class SSIMCallback(keras.callbacks.Callback):
-    """After every epoch, the mean SSIM of the validation images and their reconstructions,
-    recorded in the history as val_ssim."""
+class ValidationQuality(keras.callbacks.Callback):
+    """After every epoch, the mean SSIM of the validation images and their reconstructions and
+    the codebook's use on them, recorded in the history as val_ssim, val_codebook_perplexity and
+    val_codes_used."""
 
     def __init__(self, images, shift):
         super().__init__()
@@ -334,7 +402,12 @@ class SSIMCallback(keras.callbacks.Callback):
         self.shift = shift
 
     def on_epoch_end(self, epoch, logs=None):
-        logs["val_ssim"] = mean_reconstruction_ssim(self.model, self.images, self.shift)
+        originals, reconstructed = evaluation.reconstructions(self.model, self.images, self.shift)
+        logs["val_ssim"] = evaluation.reconstruction_metrics(originals, reconstructed)["test_ssim"]
+        counts = evaluation.code_counts(encode(self.model, self.images),
+                                        self.model.num_embeddings)
+        logs.update({f"val_{name}": value
+                     for name, value in evaluation.codebook_metrics(counts).items()})
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -373,7 +446,7 @@ class HistoryFile(keras.callbacks.Callback):
         self.path = path
 
     def on_train_begin(self, logs=None):
-        self.epochs = json.loads(self.path.read_text()) if self.path.exists() else []
+        self.epochs = read_epochs(self.path)
 
     def on_epoch_end(self, epoch, logs=None):
         # A run killed after writing this but before its backup repeats the epoch: overwrite it.
@@ -391,8 +464,8 @@ class KeepBest(keras.callbacks.Callback):
         self.history = history
 
     def on_train_begin(self, logs=None):
-        epochs = json.loads(self.history.read_text()) if self.history.exists() else []
-        self.best = min((epoch["val_loss"] for epoch in epochs), default=math.inf)
+        self.best = min((epoch["val_loss"] for epoch in read_epochs(self.history)),
+                        default=math.inf)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs.get("val_loss", math.inf) < self.best:  # no validation data: nothing to pick
@@ -404,23 +477,26 @@ class KeepBest(keras.callbacks.Callback):
             self.model.load_weights(self.path)
 
 
-def read_history(path):
-    """{metric: [value per epoch]} from a HistoryFile, or None if there is none."""
-    if not path.exists():
-        return None
-    epochs = json.loads(path.read_text())
+def read_epochs(path):
+    """The per-epoch logs a HistoryFile keeps: [{metric: value}, ...], [] before the first."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def by_metric(epochs):
+    """[{metric: value} per epoch] -> {metric: [value per epoch]}, or None without epochs."""
     return {key: [epoch[key] for epoch in epochs] for key in epochs[0]} if epochs else None
 
 
-def fit(model, data, validation, epochs, checkpoints, callbacks=()):
-    """model.fit that resumes from the last finished epoch, keeps its history in a file, stops
-    on a non-finite loss before that loss can reach a checkpoint and ends with the weights of
-    the best validation epoch."""
+def fit(model, data, validation, epochs, checkpoints, log_dir, callbacks=()):
+    """model.fit that resumes from the last finished epoch, keeps its history in a file and in
+    TensorBoard logs, stops on a non-finite loss before that loss can reach a checkpoint and
+    ends with the weights of the best validation epoch."""
     return model.fit(
         data, validation_data=validation, epochs=epochs, shuffle=False,
         # KeepBest before HistoryFile: a kill between the two then loses no best epoch
         callbacks=[*callbacks, KeepBest(checkpoints.best, checkpoints.history),
                    HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
+                   keras.callbacks.TensorBoard(str(log_dir)),
                    AtomicBackupAndRestore(str(checkpoints.backup))],
     )
 
@@ -434,15 +510,17 @@ def distribution_strategy(name):
     return tf.distribute.get_strategy()
 
 
-def train_vqvae(splits, args, checkpoints):
+def train_vqvae(splits, args, checkpoints, strategy):
+    print(f"Training the VQ-VAE for {args.epochs} epochs")
     variance = pixel_variance(splits.train)
-    with distribution_strategy(args.strategy).scope():
+    with strategy.scope():
         model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
                             pixel_range=(-args.shift, 1.0 - args.shift))
         model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
         model(tf.zeros((1, args.image_size, args.image_size, 1)))  # build, so a backup restores
     fit(model, splits.shuffled_train(args.seed), splits.scaled("validate"), args.epochs,
-        checkpoints, callbacks=[SSIMCallback(splits.scaled("validate"), args.shift)])
+        checkpoints, args.out / "logs" / "vqvae",
+        callbacks=[ValidationQuality(splits.scaled("validate"), args.shift)])
     return model
 
 
@@ -458,159 +536,76 @@ def code_dataset(codes, batch_size, seed=None):
     return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def train_prior(train_codes, validate_codes, args, checkpoints):
-    with distribution_strategy(args.strategy).scope():
+def train_prior(train_codes, validate_codes, args, checkpoints, strategy):
+    print(f"Training the {args.pcnn_type} PixelCNN for {args.pcnn_epochs} epochs on "
+          f"{len(train_codes)} code maps of {train_codes.shape[1]}x{train_codes.shape[2]}")
+    with strategy.scope():
         prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
                                         args.pcnn_layers, kind=args.pcnn_type)
         prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     fit(prior, code_dataset(train_codes, args.batch_size, args.seed),
-        code_dataset(validate_codes, args.batch_size), args.pcnn_epochs, checkpoints)
+        code_dataset(validate_codes, args.batch_size), args.pcnn_epochs, checkpoints,
+        args.out / "logs" / "pixelcnn")
     return prior
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: the metrics themselves live in evaluation.py
 
 
-def to_unit_range(images, shift):
-    return tf.clip_by_value(tf.cast(images, tf.float32) + shift, 0.0, 1.0)
-
-
-def ssim(a, b):
-    """Per-image SSIM of images in [0, 1]."""
-    return tf.image.ssim(a, b, max_val=1.0)
-
-
-def psnr(a, b):
-    """Per-image PSNR (dB) of images in [0, 1]; identical images give the cap, not infinity."""
-    mse = tf.reduce_mean(tf.square(a - b), axis=[1, 2, 3])
-    return -10.0 * tf.math.log(tf.maximum(mse, MSE_FLOOR)) / tf.math.log(10.0)
-
-
-def mean_reconstruction_ssim(model, images, shift):
-    scores = [ssim(to_unit_range(batch, shift), to_unit_range(model(batch), shift))
-              for batch in images]
-    return float(tf.reduce_mean(tf.concat(scores, axis=0)))
-
-
-def reconstruction_metrics(model, images, shift):
-    ssims, psnrs, mses = [], [], []
-    for batch in images:
-        original = to_unit_range(batch, shift)
-        reconstruction = to_unit_range(model(batch), shift)
-        ssims.append(ssim(original, reconstruction))
-        psnrs.append(psnr(original, reconstruction))
-        mses.append(tf.reduce_mean(tf.square(original - reconstruction), axis=[1, 2, 3]))
-    mean = lambda values: float(tf.reduce_mean(tf.concat(values, axis=0)))  # noqa: E731
-    return {"test_ssim": mean(ssims), "test_psnr": mean(psnrs), "test_mse": mean(mses)}
-
-
-def code_counts(codes, num_embeddings):
-    return np.bincount(np.asarray(codes).ravel(), minlength=num_embeddings)
-
-
-def entropy_bits(counts):
-    """Entropy in bits of the distribution with these counts."""
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
-def codebook_metrics(counts):
-    return {
-        "codebook_perplexity": float(2 ** entropy_bits(counts)),
-        "codes_used": float((counts > 0).mean()),
-    }
-
-
-def prior_nll_bits(prior, codes, batch_size):
-    """Mean negative log-likelihood per code, in bits, of code maps under the prior."""
-    total, count = 0.0, 0
-    for batch in tf.data.Dataset.from_tensor_slices(codes).batch(batch_size):
-        logits = prior(batch, training=False)
-        nll = keras.losses.sparse_categorical_crossentropy(batch, logits, from_logits=True)
-        total += float(tf.reduce_sum(nll))
-        count += int(tf.size(nll))
-    return total / count / math.log(2)
-
-
-def nearest_neighbour_ssim(samples, images):
-    """For each sample (in [0, 1]), the highest SSIM to any of the images (a dataset in [0, 1])."""
-    best = tf.fill([tf.shape(samples)[0]], -1.0)
-    for batch in images:
-        # (S, B): every sample against every image of the batch
-        scores = tf.stack([ssim(tf.repeat(sample[None], tf.shape(batch)[0], 0), batch)
-                           for sample in samples])
-        best = tf.maximum(best, tf.reduce_max(scores, axis=1))
-    return best.numpy()
-
-
-def pairwise_ssim(samples):
-    """Mean SSIM over all pairs of distinct samples."""
-    scores = [ssim(samples[i:i + 1], samples[j:j + 1])
-              for i in range(len(samples)) for j in range(i + 1, len(samples))]
-    return float(tf.reduce_mean(tf.concat(scores, axis=0)))
-
-
-def two_sample_classifier():
-    """A small CNN that outputs the logit of 'this image is a sample'."""
-    return keras.Sequential([
-        keras.Input(shape=(None, None, 1)),
-        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
-        keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(1),
-    ])
-
-
-def c2st_accuracy(real, fake, seed):
-    """Classifier two-sample test: accuracy of a CNN telling real from fake on held-out halves.
-
-    Both sets are cut to the same size, shuffled, and split in half; the CNN trains on one half of
-    each and is scored on the other. 0.5 means it cannot tell them apart.
-    """
-    count = min(len(real), len(fake))
-    rng = np.random.default_rng(seed)
-    real = np.asarray(real)[rng.permutation(len(real))[:count]]
-    fake = np.asarray(fake)[rng.permutation(len(fake))[:count]]
-    half = count // 2
-    if half < 1:
-        raise PipelineError("the two-sample test needs at least 2 samples and 2 test images")
-    images = lambda part: np.concatenate([real[part], fake[part]])  # noqa: E731
-    labels = lambda n_real, n_fake: np.r_[np.zeros(n_real), np.ones(n_fake)]  # noqa: E731
-    train, held_out = slice(0, half), slice(half, count)
-    keras.utils.set_random_seed(seed)
-    classifier = two_sample_classifier()
-    classifier.compile(optimizer=keras.optimizers.Adam(C2ST_LEARNING_RATE),
-                       loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    classifier.fit(images(train), labels(half, half), epochs=C2ST_EPOCHS,
-                   batch_size=min(32, 2 * half), shuffle=True, verbose=0)
-    predictions = classifier.predict(images(held_out), verbose=0)[:, 0] > 0
-    return float((predictions == labels(count - half, count - half)).mean())
-
-
-def evaluate(models, splits, samples, train_codes, test_codes, args):
-    """metrics.json: reconstruction on the test split, code usage, prior fit, sample quality."""
+def evaluate(models, splits, sampled_images, codes, args):
+    """metrics.json's content and the anatomy statistics of the three image sets: real test
+    slices, their reconstructions and the samples."""
     model, prior = models
-    test_counts = code_counts(test_codes, args.K)
-    unit = lambda data: data.map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX)  # noqa: E731
-    test_images = np.concatenate(list(unit(splits.test).batch(args.batch_size)))
-    return {
-        "vqvae": {**reconstruction_metrics(model, splits.scaled("test"), args.shift),
-                  **codebook_metrics(test_counts)},
+    originals, reconstructed = evaluation.reconstructions(model, splits.scaled("test"), args.shift)
+    real, reconstructions, samples = (
+        evaluation.realism_summary(images) for images in (originals, reconstructed, sampled_images))
+    started = time.perf_counter()
+    samples_vs_real = evaluation.realism(real, samples, args.seed)
+    samples_vs_reconstructions = evaluation.realism(reconstructions, samples, args.seed)
+    reconstructions_vs_real = evaluation.realism(real, reconstructions, args.seed)
+    print(f"Realism tests: {time.perf_counter() - started:.1f} s")
+    metrics = {
+        "vqvae": {
+            **evaluation.reconstruction_metrics(originals, reconstructed),
+            **evaluation.codebook_metrics(evaluation.code_counts(codes["test"], args.K)),
+            "c2st_reconstructions": reconstructions_vs_real["c2st_accuracy"],
+            "c2st_reconstructions_stderr": reconstructions_vs_real["c2st_stderr"],
+            "anatomy_reconstructions": reconstructions_vs_real["anatomy"],
+        },
         "pixelcnn": {
-            "test_nll_bits": prior_nll_bits(prior, test_codes, args.batch_size),
-            "unigram_bits": entropy_bits(code_counts(train_codes, args.K)),
+            "test_nll_bits": evaluation.prior_nll_bits(prior, codes["test"], args.batch_size),
+            "unigram_bits": evaluation.entropy_bits(
+                evaluation.code_counts(codes["train"], args.K)),
             "uniform_bits": math.log2(args.K),
         },
         "samples": {
-            "nn_ssim": float(nearest_neighbour_ssim(
-                samples, unit(splits.train).batch(args.batch_size)).mean()),
-            "pairwise_ssim": pairwise_ssim(samples),
-            "c2st_accuracy": c2st_accuracy(test_images, samples.numpy(), args.seed),
+            "n_real": len(originals),
+            "n_samples": len(sampled_images),
+            **samples_vs_real,
+            "c2st_vs_reconstructions": samples_vs_reconstructions["c2st_accuracy"],
+            "c2st_vs_reconstructions_stderr": samples_vs_reconstructions["c2st_stderr"],
+            "anatomy_vs_reconstructions": samples_vs_reconstructions["anatomy"],
+            "nn_ssim": float(evaluation.nearest_neighbour_ssim(
+                sampled_images, splits.pixels("train")).mean()),
+            "pairwise_ssim": evaluation.pairwise_ssim(sampled_images, args.seed),
         },
     }
+    statistics = {"real test slices": real["statistics"],
+                  "reconstructions": reconstructions["statistics"],
+                  "samples": samples["statistics"]}
+    return metrics, statistics
+
+
+def print_metrics(metrics, prefix=""):
+    if not prefix:
+        print("\nTest-split evaluation")
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            print_metrics(value, f"{prefix}{name}.")
+        else:
+            print(f"  {prefix + name:<46} {value:10.4f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,16 +619,24 @@ def plot_losses(history, path):
         epochs = np.arange(1, len(history[key]) + 1)
         ax.plot(epochs, history[key], label="train")
         ax.plot(epochs, history[f"val_{key}"], label="validation")
-        ax.set(title=title, xlabel="epoch")
+        # log scale: the late epochs' progress is a small fraction of the first epoch's loss
+        ax.set(title=title, xlabel="epoch", yscale="log")
         ax.legend()
     save_figure(fig, path)
 
 
-def plot_ssim(history, path):
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.subplots()
-    ax.plot(np.arange(1, len(history["val_ssim"]) + 1), history["val_ssim"], marker="o")
-    ax.set(title="validation SSIM", xlabel="epoch", ylabel="mean SSIM")
+def plot_validation_quality(history, num_embeddings, path):
+    fig = Figure(figsize=(10, 3.5))
+    ssim_axis, codebook_axis = fig.subplots(1, 2)
+    epochs = np.arange(1, len(history["val_ssim"]) + 1)
+    ssim_axis.plot(epochs, history["val_ssim"], marker="o")
+    ssim_axis.set(title="validation SSIM", xlabel="epoch", ylabel="mean SSIM")
+    codebook_axis.plot(epochs, history["val_codes_used"], marker="o", label="codes used")
+    codebook_axis.plot(epochs, np.array(history["val_codebook_perplexity"]) / num_embeddings,
+                       marker="o", label="perplexity / K")
+    codebook_axis.set(title=f"codebook use on the validation split (K = {num_embeddings})",
+                      xlabel="epoch", ylabel="share of K", ylim=(0, 1.05))
+    codebook_axis.legend()
     save_figure(fig, path)
 
 
@@ -675,20 +678,43 @@ def plot_codebook_usage(counts, path):
     save_figure(fig, path)
 
 
-def write_figures(models, splits, vq_history, sampled, test_codes, args):
-    model, _ = models
+def plot_realism(statistics, distances, path):
+    """One panel per anatomy statistic: its distribution in each image set, titled with the
+    samples' distance from the real slices in units of the real spread."""
+    fig = Figure(figsize=(4 * len(evaluation.ANATOMY), 3.4))
+    for ax, name in zip(fig.subplots(1, len(evaluation.ANATOMY)), evaluation.ANATOMY):
+        if name == "intensity":
+            for label, values in statistics.items():
+                ax.plot(evaluation.intensity_bin_centres(), values[name], label=label)
+            ax.set(xlabel="intensity inside the brain", ylabel="share of brain pixels")
+        else:
+            values = [values[name] for values in statistics.values()]
+            edges = np.histogram_bin_edges(np.concatenate(values), bins=20)
+            ax.hist(values, bins=edges, density=True, histtype="step", linewidth=1.5,
+                    label=list(statistics))
+            ax.set(xlabel=name.replace("_", " "), ylabel="density")
+        ax.set_title(f"{name.replace('_', ' ')}: samples {distances[name]:.2f} sd from real")
+    fig.axes[0].legend(loc="upper right", fontsize="small")
+    save_figure(fig, path)
+
+
+def write_figures(model, splits, vq_history, sampled, codes, statistics, metrics, args):
     if vq_history:
         plot_losses(vq_history, args.out / "loss_plot.png")
-        plot_ssim(vq_history, args.out / "ssim_plot.png")
+        plot_validation_quality(vq_history, args.K, args.out / "ssim_plot.png")
     examples = next(iter(splits.scaled("validate").unbatch().batch(FIGURE_EXAMPLES)))
-    reconstructions = to_unit_range(model(examples), args.shift)
-    originals = to_unit_range(examples, args.shift)
+    reconstructions = evaluation.to_unit_range(model(examples), args.shift)
+    originals = evaluation.to_unit_range(examples, args.shift)
     plot_codebook_results(originals.numpy(), model.encode_to_indices(examples).numpy(),
-                          reconstructions.numpy(), ssim(originals, reconstructions).numpy(),
+                          reconstructions.numpy(),
+                          evaluation.ssim(originals, reconstructions).numpy(),
                           args.out / "codebook_results.png")
-    codes, images = sampled
-    plot_samples(codes[:SAMPLES_SHOWN], images[:SAMPLES_SHOWN], args.out / "samples.png")
-    plot_codebook_usage(code_counts(test_codes, args.K), args.out / "codebook_usage.png")
+    sampled_codes, sampled_images = sampled
+    plot_samples(sampled_codes[:SAMPLES_SHOWN], sampled_images[:SAMPLES_SHOWN],
+                 args.out / "samples.png")
+    plot_codebook_usage(evaluation.code_counts(codes["test"], args.K),
+                        args.out / "codebook_usage.png")
+    plot_realism(statistics, metrics["samples"]["anatomy"], args.out / "realism.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,7 +725,7 @@ def write_figures(models, splits, vq_history, sampled, test_codes, args):
 class Checkpoints:
     """Where one model's finished .keras file, per-epoch history and resumable state live."""
 
-    model: Path
+    keras_file: Path
     history: Path
     backup: Path
     best: Path
@@ -710,7 +736,7 @@ class Checkpoints:
                    folder / f"{name}_backup", folder / f"{name}_best.weights.h5")
 
     def remove(self):
-        self.model.unlink(missing_ok=True)
+        self.keras_file.unlink(missing_ok=True)
         self.history.unlink(missing_ok=True)
         self.best.unlink(missing_ok=True)
         shutil.rmtree(self.backup, ignore_errors=True)
@@ -727,18 +753,26 @@ def model_settings(args):
     return {flag: getattr(args, flag) for flag in MODEL_FLAGS} | {"data": str(args.data)}
 
 
+def trained_settings(args):
+    """--evaluate's settings: the flags the saved models were trained with (except --data, which
+    names the data to evaluate on now), the rest as given."""
+    settings_file = args.checkpoint_dir / SETTINGS_FILE
+    if not settings_file.exists():
+        return args
+    saved = json.loads(settings_file.read_text())
+    trained = {flag: value for flag, value in saved.items()
+               if flag in MODEL_FLAGS and flag != "data"}
+    return argparse.Namespace(**(vars(args) | trained))
+
+
 def prepare_checkpoints(args):
     """The two models' checkpoints; --fresh removes them, and a resumed run must match them."""
     folder = args.checkpoint_dir
     prepare_folder(folder, "--checkpoint-dir")
     checkpoints = Checkpoints.in_folder(folder, "vqvae"), Checkpoints.in_folder(folder, "pixelcnn")
-    settings_file = folder / SETTINGS_FILE
     if args.evaluate:
-        # evaluate the models as they were trained, on whatever data --data names now
-        if settings_file.exists():
-            saved = json.loads(settings_file.read_text())
-            vars(args).update({k: v for k, v in saved.items() if k in MODEL_FLAGS and k != "data"})
         return checkpoints
+    settings_file = folder / SETTINGS_FILE
     if args.fresh:
         for checkpoint in checkpoints:
             checkpoint.remove()
@@ -754,70 +788,58 @@ def prepare_checkpoints(args):
     return checkpoints
 
 
-def load_saved(path, what):
-    if not path.exists():
-        raise PipelineError(f"no saved {what} at {path}; train first (run without --evaluate) "
-                            "or point --checkpoint-dir at a finished run")
-    return keras.models.load_model(path, safe_mode=True)
-
-
-def trained_vqvae(splits, args, checkpoints):
-    """The VQ-VAE of a finished earlier run, or a newly trained (or resumed) one."""
-    if not checkpoints.model.exists() and not args.evaluate:
-        print(f"Training the VQ-VAE for {args.epochs} epochs")
-        save_model(train_vqvae(splits, args, checkpoints), checkpoints.model)
-    return load_saved(checkpoints.model, "VQ-VAE")
-
-
-def trained_prior(train_codes, validate_codes, args, checkpoints):
-    """The PixelCNN of a finished earlier run, or a newly trained (or resumed) one."""
-    if not checkpoints.model.exists() and not args.evaluate:
-        print(f"Training the {args.pcnn_type} PixelCNN for {args.pcnn_epochs} epochs on "
-              f"{len(train_codes)} code maps of {train_codes.shape[1]}x{train_codes.shape[2]}")
-        save_model(train_prior(train_codes, validate_codes, args, checkpoints), checkpoints.model)
-    return load_saved(checkpoints.model, "PixelCNN")
+def trained(what, checkpoints, train, evaluate_only):
+    """The model of a finished earlier run, or one that train() trains (or resumes) now."""
+    if not checkpoints.keras_file.exists() and not evaluate_only:
+        save_model(train(), checkpoints.keras_file)
+    if not checkpoints.keras_file.exists():
+        raise PipelineError(f"no saved {what} at {checkpoints.keras_file}; train first (run "
+                            "without --evaluate) or point --checkpoint-dir at a finished run")
+    return keras.models.load_model(checkpoints.keras_file, safe_mode=True)
 
 
 def sample_images(models, args):
-    """Sampled code maps (N, h, w) and their decoded images in [0, 1]."""
+    """Sampled code maps (N, h, w) and their decoded images in [0, 1] (N, H, W, 1)."""
     model, prior = models
     grid = args.image_size // vqvae.DOWNSAMPLING
-    print(f"Sampling {args.num_samples} code maps of {grid}x{grid}")
+    started = time.perf_counter()
     codes = pixelcnn.sample_codes(prior, args.num_samples, (grid, grid), args.temperature,
                                   args.seed)
-    return codes.numpy(), to_unit_range(model.decode_indices(codes), args.shift)
-
-
-def print_metrics(metrics):
-    print("\nTest-split evaluation")
-    for group, values in metrics.items():
-        for name, value in values.items():
-            print(f"  {group + '.' + name:<30} {value:10.4f}")
+    images = evaluation.to_unit_range(model.decode_indices(codes), args.shift).numpy()
+    print(f"Sampled {args.num_samples} code maps of {grid}x{grid} and decoded them in "
+          f"{time.perf_counter() - started:.1f} s")
+    return codes.numpy(), images
 
 
 def run(args):
+    # first, before any TensorFlow operation: a multi-worker strategy requires it
+    strategy = distribution_strategy(args.strategy)
+    if args.evaluate:
+        args = trained_settings(args)
     keras.utils.set_random_seed(args.seed)
     if args.mixed_precision != "off":
         keras.mixed_precision.set_global_policy(f"mixed_{args.mixed_precision}")
     prepare_folder(args.out, "--out")
     vq_checkpoints, prior_checkpoints = prepare_checkpoints(args)
     splits = load_splits(args.data, args.image_size, args.shift, args.batch_size, args.demo)
-    model = trained_vqvae(splits, args, vq_checkpoints)
-    train_codes = encode(model, splits.scaled("train"))
-    prior = trained_prior(train_codes, encode(model, splits.scaled("validate")), args,
-                          prior_checkpoints)
+    model = trained("VQ-VAE", vq_checkpoints,
+                    lambda: train_vqvae(splits, args, vq_checkpoints, strategy), args.evaluate)
+    codes = {split: encode(model, splits.scaled(split)) for split in SPLIT_FOLDERS}
+    prior = trained("PixelCNN", prior_checkpoints,
+                    lambda: train_prior(codes["train"], codes["validate"], args,
+                                        prior_checkpoints, strategy), args.evaluate)
     sampled_codes, sampled_images = sample_images((model, prior), args)
-    test_codes = encode(model, splits.scaled("test"))
-    metrics = evaluate((model, prior), splits, sampled_images, train_codes, test_codes, args)
+    save_sample_pngs(sampled_images, args.out / "samples")
+    metrics, statistics = evaluate((model, prior), splits, sampled_images, codes, args)
     save_json(metrics, args.out / "metrics.json")
     save_json(vars(args) | {"data": str(args.data), "out": str(args.out),
                             "checkpoint_dir": str(args.checkpoint_dir)},
               args.out / "run_settings.json")
-    write_figures((model, prior), splits, read_history(vq_checkpoints.history),
-                  (sampled_codes, sampled_images.numpy()), test_codes, args)
+    write_figures(model, splits, by_metric(read_epochs(vq_checkpoints.history)),
+                  (sampled_codes, sampled_images), codes, statistics, metrics, args)
     print_metrics(metrics)
-    print(f"\nFigures, metrics.json and run_settings.json: {args.out}/")
-    print(f"Models: {vq_checkpoints.model}, {prior_checkpoints.model}")
+    print(f"\nSamples, figures, metrics.json and run_settings.json: {args.out}/")
+    print(f"Models: {vq_checkpoints.keras_file}, {prior_checkpoints.keras_file}")
 
 
 def main(argv=None):

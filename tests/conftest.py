@@ -1,6 +1,11 @@
-"""Shared fixtures: tiny PNG folders in the OASIS layout, written into a temporary directory."""
+"""Shared fixtures and helpers: tiny PNG folders in the OASIS layout, written into a temporary
+directory; driver.py run as a user runs it; one tiny trained run that tests only read."""
 
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -8,9 +13,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
+TINY_RUN = ["--image-size", "32", "--epochs", "1", "--pcnn-epochs", "1", "--K", "16", "--D", "4",
+            "--batch_size", "8", "--pcnn-filters", "16", "--num-samples", "10"]
+
 # The scaled pixel range at the default --shift of 0.5.
 PIXEL_RANGE = (-0.5, 0.5)
-SPLIT_SIZES = {"train": 16, "validate": 4, "test": 4}
+SPLIT_SIZES = {"train": 16, "validate": 4, "test": 10}
 TINY_SIZE = 32
 
 
@@ -37,3 +46,51 @@ def write_split_folders(root, sizes=SPLIT_SIZES, image_size=TINY_SIZE, seed=0):
 @pytest.fixture
 def tiny_data(tmp_path):
     return write_split_folders(tmp_path / "data")
+
+
+def flattened(metrics, prefix=""):
+    """Nested metrics as one level: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for name, value in metrics.items():
+        flat.update(flattened(value, f"{prefix}{name}.") if isinstance(value, dict)
+                    else {prefix + name: value})
+    return flat
+
+
+def run_driver(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "driver.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def one_line_error(capsys, argv):
+    """Run driver.main(argv) in-process; return its stderr, asserting a single line and a
+    failure."""
+    import driver
+
+    with pytest.raises(SystemExit) as stop:
+        driver.main(argv)
+    message = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err
+    assert stop.value.code not in (0, None)
+    assert message.strip().count("\n") == 0 and "Traceback" not in message, message
+    return message
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run (data, out, checkpoints, the CompletedProcess), shared by the tests
+    that only read its outputs; a test that changes them works on a copy (`copied_run`)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_split_folders(root / "data")
+    out, checkpoints = root / "out", root / "checkpoints"
+    result = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"data": data, "out": out, "checkpoints": checkpoints, "result": result}
+
+
+@pytest.fixture
+def copied_run(tiny_run, tmp_path):
+    """The shared tiny run's folders, copied for a test to change."""
+    copy = {"result": tiny_run["result"]}
+    for name in ("data", "out", "checkpoints"):
+        copy[name] = Path(shutil.copytree(tiny_run[name], tmp_path / name))
+    return copy

@@ -2,26 +2,17 @@
 
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 import driver
-from conftest import write_split_folders
+import evaluation
+from conftest import TINY_RUN, flattened, one_line_error, run_driver, write_split_folders
 
-REPO = Path(__file__).resolve().parent.parent
 FIGURES = ("loss_plot.png", "ssim_plot.png", "codebook_results.png", "samples.png",
-           "codebook_usage.png")
-TINY_RUN = ["--image-size", "32", "--epochs", "1", "--pcnn-epochs", "1", "--K", "16", "--D", "4",
-            "--batch_size", "8", "--pcnn-filters", "16", "--num-samples", "4"]
-
-
-def run_driver(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "driver.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+           "codebook_usage.png", "realism.png")
 
 
 def test_help_lists_every_flag():
@@ -31,42 +22,93 @@ def test_help_lists_every_flag():
                  "--shift", "--pcnn-epochs", "--pcnn-learning-rate", "--pcnn-filters",
                  "--pcnn-res-blocks", "--pcnn-layers", "--out", "--checkpoint-dir",
                  "--image-size", "--seed", "--demo", "--evaluate", "--fresh", "--num-samples",
-                 "--temperature", "--pcnn-type"):
+                 "--temperature", "--pcnn-type", "--strategy", "--mixed-precision"):
         assert flag in result.stdout, flag
 
 
-def test_tiny_run_writes_every_output_then_evaluate_reloads(tmp_path):
-    data = write_split_folders(tmp_path / "data")
-    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
-    result = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, *TINY_RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_tiny_run_writes_every_output(tiny_run):
+    out, checkpoints, result = tiny_run["out"], tiny_run["checkpoints"], tiny_run["result"]
     for figure in FIGURES:
         assert (out / figure).stat().st_size > 0, figure
     assert (checkpoints / "vqvae.keras").exists() and (checkpoints / "pixelcnn.keras").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"vqvae", "pixelcnn", "samples"}
-    assert all(isinstance(v, float) for group in metrics.values() for v in group.values())
+    expected = {f"{group}.{name}" for group, name in [
+        ("samples", "c2st_accuracy"), ("samples", "c2st_stderr"), ("samples", "n_real"),
+        ("samples", "n_samples"), ("samples", "c2st_vs_reconstructions"),
+        ("vqvae", "c2st_reconstructions")]}
+    expected |= {f"samples.{key}.{name}" for key in ("anatomy", "anatomy_vs_reconstructions")
+                 for name in evaluation.ANATOMY}
+    assert expected <= set(flattened(metrics))
+    assert all(np.isfinite(value) for value in flattened(metrics).values())
+    assert (metrics["samples"]["n_real"], metrics["samples"]["n_samples"]) == (10, 10)
     history = json.loads((checkpoints / "vqvae_history.json").read_text())
     assert len(history) == 1 and 0 < history[0]["val_ssim"] <= 1
+    assert 0 < history[0]["val_codes_used"] <= 1 and history[0]["val_codebook_perplexity"] >= 1
     assert str(out) in result.stdout and str(checkpoints / "vqvae.keras") in result.stdout
+    assert list((out / "logs").glob("vqvae/train/events.out.tfevents.*"))
+    assert list((out / "logs").glob("pixelcnn/validation/events.out.tfevents.*"))
 
+
+def test_every_sample_is_saved_as_a_png_like_the_input_slices(tiny_run):
+    pngs = sorted((tiny_run["out"] / "samples").iterdir())
+    assert [png.name for png in pngs] == [f"sample_{i:03d}.png" for i in range(10)]
+    for png in pngs:
+        with Image.open(png) as image:
+            assert (image.mode, image.size) == ("L", (32, 32))
+
+
+def test_evaluate_reloads_and_recomputes_everything(copied_run):
+    out = copied_run["out"]
+    before = json.loads((out / "metrics.json").read_text())
     (out / "samples.png").unlink()
-    again = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, "--evaluate",
-                       *TINY_RUN)
+    shutil.rmtree(out / "samples")
+    again = run_driver("--data", copied_run["data"], "--out", out,
+                       "--checkpoint-dir", copied_run["checkpoints"], "--evaluate", *TINY_RUN)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Training" not in again.stdout
-    assert (out / "samples.png").exists()
-    assert json.loads((out / "metrics.json").read_text())["vqvae"] == metrics["vqvae"]
+    assert (out / "samples.png").exists() and len(list((out / "samples").iterdir())) == 10
+    # the same models, seed and data: the same numbers, the realism test included
+    after = json.loads((out / "metrics.json").read_text())
+    assert flattened(after) == pytest.approx(flattened(before), rel=1e-4, abs=1e-5)
 
 
-def one_line_error(capsys, argv):
-    """Run main(argv) in-process; return its stderr, asserting a single line and a failure."""
-    with pytest.raises(SystemExit) as stop:
-        driver.main(argv)
-    message = stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err
-    assert stop.value.code not in (0, None)
-    assert message.strip().count("\n") == 0 and "Traceback" not in message, message
-    return message
+def test_a_rerun_replaces_the_samples_folder_whole(tmp_path):
+    folder = tmp_path / "samples"
+    images = np.linspace(0, 1, 3 * 8 * 8).reshape(3, 8, 8, 1)
+    driver.save_sample_pngs(images, folder)
+    (folder / "stale.png").write_bytes(b"")
+
+    def fail_half_way(temporary):
+        (temporary / "sample_000.png").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        driver.replace_folder_atomically(folder, fail_half_way)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "sample_000.png", "sample_001.png", "sample_002.png", "stale.png"]
+    driver.save_sample_pngs(images[:2], folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["sample_000.png", "sample_001.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "sample_001.png")),
+                                  np.round(images[1, ..., 0] * 255).astype(np.uint8))
+
+
+def test_too_few_samples_for_the_realism_test(capsys):
+    message = one_line_error(capsys, ["--num-samples", "4"])
+    assert "--num-samples" in message and str(evaluation.MIN_IMAGES_PER_SET) in message
+
+
+def test_too_few_test_images_for_the_realism_test(capsys, tmp_path):
+    data = write_split_folders(tmp_path / "data", sizes={"train": 4, "validate": 2, "test": 3})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    message = one_line_error(capsys, ["--data", str(data), "--out", str(out),
+                                      "--checkpoint-dir", str(tmp_path / "ck")])
+    assert "keras_png_slices_test" in message and "3" in message
+    assert str(evaluation.MIN_IMAGES_PER_SET) in message
+    assert (out / "metrics.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("flag, value", [
@@ -102,7 +144,9 @@ def test_demo_run_at_a_tiny_setting(tmp_path):
     data = tmp_path / "demo"
     for folder in driver.SPLIT_FOLDERS.values():
         (data / folder).mkdir(parents=True)
-        for image in sorted((driver.DEMO_DATA / folder).glob("*.png"))[::16]:
+        # every 16th slice, but enough test slices for the realism test
+        stride = 5 if folder == driver.SPLIT_FOLDERS["test"] else 16
+        for image in sorted((driver.DEMO_DATA / folder).glob("*.png"))[::stride]:
             shutil.copy(image, data / folder)
     out = tmp_path / "out"
     result = run_driver("--demo", "--data", data, "--out", out,

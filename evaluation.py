@@ -1,0 +1,357 @@
+"""How good the models are: reconstructions, code usage, the prior's fit, and sample realism.
+
+Pure functions of arrays and models: no flags, no files, no global random state (a function that
+draws takes a seed). Images are in [0, 1] unless a function says otherwise.
+
+Sample realism has two parts (see the README's evaluation section for what the values mean):
+- a classifier two-sample test: a regularised logistic regression on fixed image features,
+  cross-validated so that every image is scored once; 0.5 means it cannot tell the sets apart;
+- anatomy statistics (brain area, pieces, left-right symmetry, solidity, the dark midline
+  between the hemispheres, intensity inside the brain), each compared between the sets as a 1-D Wasserstein distance in units of the reference
+  set's spread.
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy import ndimage, spatial, stats
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+# PSNR of identical images would be infinite: the MSE is floored here (caps PSNR at 100 dB).
+MSE_FLOOR = 1e-10
+
+# A pixel belongs to the brain above this intensity (in [0, 1]): the background is black, and
+# 0.1 is below the darkest tissue but above the decoder's faint halo around the brain.
+BRAIN_THRESHOLD = 0.1
+# A separate piece of brain counts when it covers at least this share of the image.
+MIN_PIECE_SHARE = 0.002
+INTENSITY_BINS = 32
+# The spread a statistic is measured in when the reference set does not vary at all (one piece
+# in every image, say): its natural resolution.
+SPREAD_FLOOR = {"brain_area": 0.01, "pieces": 0.5, "symmetry": 0.01, "solidity": 0.01,
+                "midline_contrast": 0.01, "intensity": 1 / 255}
+# The midline band read by midline_contrast: this share of the image width on either side.
+MIDLINE_HALF_WIDTH = 1 / 64
+ANATOMY = tuple(SPREAD_FLOOR)
+
+# The two-sample test: folds of the cross-validation, the inverse L2 strength of the logistic
+# regression (chosen by the controls in tests/test_realism.py, not by our samples' scores), and
+# the feature resolution.
+C2ST_FOLDS = 5
+C2ST_INVERSE_REGULARISATION = 0.01
+FEATURE_GRID = 16
+GRADIENT_BINS = 16
+SPECTRUM_BANDS = 12
+MIN_IMAGES_PER_SET = 2 * C2ST_FOLDS
+# Nearest-neighbour SSIM looks for the nearest training images by pixel distance at this size,
+# then scores the closest few by SSIM at full size.
+NEIGHBOUR_SEARCH_SIZE = 32
+NEIGHBOUR_CANDIDATES = 4
+NEIGHBOUR_CHUNK = 512  # training images converted to float at a time
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstructions
+
+
+def to_unit_range(images, shift):
+    """Scaled images (pixels / 255 - shift) back to [0, 1]."""
+    return tf.clip_by_value(tf.cast(images, tf.float32) + shift, 0.0, 1.0)
+
+
+def ssim(a, b):
+    """Per-image SSIM of images (B, H, W, 1) in [0, 1]."""
+    return tf.image.ssim(a, b, max_val=1.0)
+
+
+def psnr(a, b):
+    """Per-image PSNR (dB) of images in [0, 1]; identical images give the cap, not infinity."""
+    mse = tf.reduce_mean(tf.square(a - b), axis=[1, 2, 3])
+    return -10.0 * tf.math.log(tf.maximum(mse, MSE_FLOOR)) / tf.math.log(10.0)
+
+
+def reconstructions(model, images, shift):
+    """(originals, reconstructions) in [0, 1] of a dataset of scaled image batches."""
+    pairs = [(to_unit_range(batch, shift), to_unit_range(model(batch), shift)) for batch in images]
+    return tuple(np.concatenate(part) for part in zip(*pairs))
+
+
+def reconstruction_metrics(originals, reconstructed):
+    """Mean SSIM, PSNR and MSE of reconstructions against their originals, both in [0, 1]."""
+    originals, reconstructed = tf.constant(originals), tf.constant(reconstructed)
+    return {
+        "test_ssim": float(tf.reduce_mean(ssim(originals, reconstructed))),
+        "test_psnr": float(tf.reduce_mean(psnr(originals, reconstructed))),
+        "test_mse": float(tf.reduce_mean(tf.square(originals - reconstructed))),
+    }
+
+
+def mean_reconstruction_ssim(model, images, shift):
+    return float(np.mean(ssim(*map(tf.constant, reconstructions(model, images, shift)))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Codes and the prior
+
+
+def code_counts(codes, num_embeddings):
+    return np.bincount(np.asarray(codes).ravel(), minlength=num_embeddings)
+
+
+def entropy_bits(counts):
+    """Entropy in bits of the distribution with these counts."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def codebook_metrics(counts):
+    return {
+        "codebook_perplexity": float(2 ** entropy_bits(counts)),
+        "codes_used": float((counts > 0).mean()),
+    }
+
+
+def prior_nll_bits(prior, codes, batch_size):
+    """Mean negative log-likelihood per code, in bits, of code maps under the prior."""
+    total, count = 0.0, 0
+    for batch in tf.data.Dataset.from_tensor_slices(codes).batch(batch_size):
+        logits = prior(batch, training=False)
+        nll = keras.losses.sparse_categorical_crossentropy(batch, logits, from_logits=True)
+        total += float(tf.reduce_sum(nll))
+        count += int(tf.size(nll))
+    return total / count / math.log(2)
+
+
+def unigram_code_maps(counts, num_maps, grid_shape, seed):
+    """Code maps whose codes are drawn independently from the code frequencies `counts`: what a
+    prior that learned nothing but the frequencies would draw (a control of the realism test)."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(len(counts), size=(num_maps, *grid_shape), p=counts / counts.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples against the training set and each other
+
+
+def resized(images, size):
+    return tf.image.resize(images, (size, size), method="area").numpy()
+
+
+def nearest_neighbour_ssim(samples, training_pixels):
+    """For each sample (N, H, W, 1) in [0, 1], its SSIM to the nearest training image (uint8
+    pixels as stored, so that OASIS's 9,664 slices take a quarter of float32's memory): the few
+    nearest by pixel distance at a coarse size are scored by SSIM at full size, since scoring
+    every pair would take hours on OASIS. Near 1 would mean the prior copies training slices."""
+    training_images = lambda indices: training_pixels[indices].astype("float32") / 255  # noqa: E731
+    coarse = lambda x: resized(x, NEIGHBOUR_SEARCH_SIZE).reshape(len(x), -1)  # noqa: E731
+    s = coarse(samples)
+    t = np.concatenate([coarse(training_images(slice(start, start + NEIGHBOUR_CHUNK)))
+                        for start in range(0, len(training_pixels), NEIGHBOUR_CHUNK)])
+    distances = (s**2).sum(1)[:, None] - 2 * s @ t.T + (t**2).sum(1)  # (S, T)
+    candidates = np.argsort(distances, axis=1)[:, :NEIGHBOUR_CANDIDATES]
+    scores = [ssim(np.repeat(sample[None], len(nearest), 0), training_images(nearest)).numpy()
+              for sample, nearest in zip(samples, candidates)]
+    return np.max(scores, axis=1)
+
+
+def pairwise_ssim(samples, seed):
+    """Mean SSIM of disjoint random pairs of samples (lower is more diverse); all pairs would be
+    quadratic in the number of samples, and independent pairs estimate the same mean."""
+    order = np.random.default_rng(seed).permutation(len(samples))
+    pairs = len(order) // 2
+    first, second = samples[order[:pairs]], samples[order[pairs:2 * pairs]]
+    return float(np.mean(ssim(first, second)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Anatomy statistics
+
+
+def as_gray(images):
+    """(N, H, W, 1) or (N, H, W) -> float (N, H, W)."""
+    images = np.asarray(images, dtype="float32")
+    return images[..., 0] if images.ndim == 4 else images
+
+
+def brain_pieces(mask):
+    """Labels of the connected pieces of a mask that are large enough to count, largest first."""
+    labels, count = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    large = np.flatnonzero(sizes >= MIN_PIECE_SHARE * mask.size) + 1
+    return labels, large[np.argsort(-sizes[large - 1])]
+
+
+def solidity(piece):
+    """Area of a piece over the area of its convex hull (1 for a convex piece)."""
+    edge = piece & ~ndimage.binary_erosion(piece)
+    rows, cols = np.nonzero(edge)
+    # the hull of the edge pixels' corners holds every pixel of the piece whole
+    corners = np.concatenate([np.stack([rows + dr, cols + dc], 1)
+                              for dr in (0, 1) for dc in (0, 1)])
+    try:
+        hull = spatial.ConvexHull(corners)
+    except spatial.QhullError:  # a line of pixels: its own hull
+        return 1.0
+    return float(piece.sum() / hull.volume)  # a 2-D hull's "volume" is its area
+
+
+def mirror_symmetry(mask):
+    """Intersection over union of a mask and its mirror image about the mask's own vertical
+    midline (its column centroid)."""
+    columns = np.nonzero(mask)[1]
+    width = mask.shape[1]
+    # column c maps to 2 * centre - c; flipping maps it to width - 1 - c, so roll the difference
+    shift = int(round(2 * columns.mean() - (width - 1)))
+    mirrored = np.roll(mask[:, ::-1], shift, axis=1)
+    return float((mask & mirrored).sum() / (mask | mirrored).sum())
+
+
+def midline_contrast(image, mask):
+    """Mean intensity on the brain's vertical midline (inside its outline) over the brain's mean
+    intensity: below 1 where a dark fissure splits two hemispheres, about 1 for a blob, 0 where
+    the midline misses the brain."""
+    centre = int(round(np.nonzero(mask)[1].mean()))
+    half_width = max(1, int(MIDLINE_HALF_WIDTH * image.shape[1]))
+    band = slice(max(centre - half_width, 0), centre + half_width + 1)
+    inside = ndimage.binary_fill_holes(mask)[:, band]
+    if not inside.any():
+        return 0.0
+    return float(image[:, band][inside].mean() / image[mask].mean())
+
+
+def anatomy_of(image):
+    """The per-image anatomy statistics of one image (H, W) in [0, 1]."""
+    mask = image > BRAIN_THRESHOLD
+    labels, pieces = brain_pieces(mask)
+    if not len(pieces):
+        return {"brain_area": float(mask.mean()), "pieces": 0.0, "symmetry": 0.0,
+                "solidity": 0.0, "midline_contrast": 0.0}
+    return {
+        "brain_area": float(mask.mean()),
+        "pieces": float(len(pieces)),
+        "symmetry": mirror_symmetry(mask),
+        "solidity": solidity(labels == pieces[0]),
+        "midline_contrast": midline_contrast(image, mask),
+    }
+
+
+def anatomy_statistics(images):
+    """{statistic: values per image} and, under "intensity", the intensity histogram of all the
+    images' brain pixels (INTENSITY_BINS bins over (BRAIN_THRESHOLD, 1], as a distribution)."""
+    images = as_gray(images)
+    per_image = [anatomy_of(image) for image in images]
+    statistics = {name: np.array([s[name] for s in per_image]) for name in per_image[0]}
+    brain = images[images > BRAIN_THRESHOLD]
+    histogram = np.histogram(brain, bins=INTENSITY_BINS, range=(BRAIN_THRESHOLD, 1.0))[0]
+    statistics["intensity"] = histogram / max(histogram.sum(), 1)
+    return statistics
+
+
+def intensity_bin_centres():
+    edges = np.linspace(BRAIN_THRESHOLD, 1.0, INTENSITY_BINS + 1)
+    return (edges[:-1] + edges[1:]) / 2
+
+
+def spread(values, weights=None):
+    """Standard deviation of values (optionally weighted)."""
+    mean = np.average(values, weights=weights)
+    return float(np.sqrt(np.average((values - mean) ** 2, weights=weights)))
+
+
+def anatomy_distances(reference, other):
+    """For each statistic, the 1-D Wasserstein distance between the two sets' distributions in
+    units of the reference set's spread (0: the same; 1: off by a typical real difference)."""
+    distances = {}
+    for name in ANATOMY:
+        if name == "intensity":
+            centres = intensity_bin_centres()
+            weights = reference[name], other[name]
+            if not weights[1].any():  # no brain pixels at all
+                distances[name] = math.inf
+                continue
+            distance = stats.wasserstein_distance(centres, centres, *weights)
+            scale = spread(centres, weights[0])
+        else:
+            distance = stats.wasserstein_distance(reference[name], other[name])
+            scale = spread(reference[name])
+        distances[name] = float(distance / max(scale, SPREAD_FLOOR[name]))
+    return distances
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier two-sample test
+
+
+def gradient_histogram(images):
+    """Share of pixels per bin of gradient magnitude: edges, blur and noise."""
+    rows, cols = np.gradient(images, axis=(1, 2))
+    magnitude = np.hypot(rows, cols).reshape(len(images), -1)
+    edges = np.linspace(0, 0.5, GRADIENT_BINS + 1)
+    return np.stack([np.histogram(m, bins=edges)[0] for m in magnitude]) / magnitude.shape[1]
+
+
+def radial_spectrum(images):
+    """Log power in up to SPECTRUM_BANDS log-spaced rings of spatial frequency: texture and
+    sharpness."""
+    power = np.abs(np.fft.fftshift(np.fft.fft2(images), axes=(1, 2))) ** 2
+    size = images.shape[1]
+    rows, cols = np.mgrid[:size, :size] - size // 2
+    radius = np.hypot(rows, cols)
+    # whole radii, so that a small image has no empty ring
+    edges = np.unique(np.round(np.geomspace(1, size // 2, SPECTRUM_BANDS + 1)))
+    bands = [(radius >= low) & (radius < high) for low, high in zip(edges[:-1], edges[1:])]
+    return np.log1p(np.stack([power[:, band].mean(axis=1) for band in bands], axis=1))
+
+
+def realism_features(images, statistics):
+    """Fixed features per image: the image at FEATURE_GRID x FEATURE_GRID, its gradient-magnitude
+    histogram, its radial power spectrum and its anatomy statistics."""
+    coarse = resized(images[..., None], FEATURE_GRID).reshape(len(images), -1)
+    anatomy = np.stack([statistics[name] for name in ANATOMY if name != "intensity"], axis=1)
+    return np.concatenate(
+        [coarse, gradient_histogram(images), radial_spectrum(images), anatomy], axis=1)
+
+
+def check_set_sizes(n_reference, n_other):
+    if min(n_reference, n_other) < MIN_IMAGES_PER_SET:
+        raise ValueError(
+            f"the two-sample test needs at least {MIN_IMAGES_PER_SET} images in each set "
+            f"({C2ST_FOLDS}-fold cross-validation), got {n_reference} and {n_other}")
+
+
+def two_sample_test(reference_features, other_features, seed):
+    """Cross-validated accuracy of a classifier telling the two sets apart, and its standard
+    error. The larger set is subsampled so the classes balance; every image is held out once."""
+    count = min(len(reference_features), len(other_features))
+    rng = np.random.default_rng(seed)
+    pick = lambda x: x[rng.permutation(len(x))[:count]]  # noqa: E731
+    features = np.concatenate([pick(reference_features), pick(other_features)])
+    labels = np.r_[np.zeros(count), np.ones(count)]
+    classifier = make_pipeline(
+        StandardScaler(), LogisticRegression(C=C2ST_INVERSE_REGULARISATION, max_iter=1000))
+    folds = StratifiedKFold(C2ST_FOLDS, shuffle=True, random_state=seed)
+    correct = cross_val_predict(classifier, features, labels, cv=folds) == labels
+    return float(correct.mean()), float(correct.std(ddof=1) / math.sqrt(len(correct)))
+
+
+def realism_summary(images):
+    """Everything the realism test needs of one set of images in [0, 1]: computed once per set,
+    so each set can be compared with several others."""
+    images = as_gray(images)
+    statistics = anatomy_statistics(images)
+    return {"statistics": statistics, "features": realism_features(images, statistics),
+            "count": len(images)}
+
+
+def realism(reference, other, seed):
+    """The two-sample test and the anatomy distances of `other` against `reference` (both from
+    `realism_summary`)."""
+    check_set_sizes(reference["count"], other["count"])
+    accuracy, stderr = two_sample_test(reference["features"], other["features"], seed)
+    return {"c2st_accuracy": accuracy, "c2st_stderr": stderr,
+            "anatomy": anatomy_distances(reference["statistics"], other["statistics"])}
