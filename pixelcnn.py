@@ -114,7 +114,7 @@ class ShiftDown(layers.Layer):
     """Shifts a feature map down one row (zeros enter at the top), so that the vertical stack's
     features at row i only describe rows above i when they reach the horizontal stack."""
 
-    rows_above = 1
+    rows_above, columns_left, columns_right = 1, 0, 0
 
     def call(self, x):
         return ops.pad(x, [[0, 0], [1, 0], [0, 0], [0, 0]])[:, :-1]
@@ -213,8 +213,9 @@ def output_head(x, num_embeddings, filters, output_layers):
 KINDS = ("gated", "plain")
 
 
-def build_pixelcnn(num_embeddings, filters=128, residual_blocks=2, output_layers=2, kind="gated"):
-    """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K).
+def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind):
+    """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K). driver.py's flags hold the
+    defaults.
 
     Args:
         num_embeddings: K, the number of codes.
@@ -223,6 +224,8 @@ def build_pixelcnn(num_embeddings, filters=128, residual_blocks=2, output_layers
         output_layers: 1x1 ReLU layers between the stack and the logits.
         kind: "plain" or "gated".
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     codes = keras.Input(shape=(None, None), dtype="int32", name="codes")
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
     # one-hot tensor.
@@ -254,6 +257,27 @@ def _input_layer_names(inbound_nodes):
     return []
 
 
+# Layers that compute each position from that position alone.
+POINTWISE_LAYERS = (layers.InputLayer, layers.Embedding, layers.ReLU, layers.Activation,
+                    layers.Add, GatedActivation)
+
+
+def layer_reach(layer):
+    """How far above, left and right of a position one layer reads. Refuses a layer whose reach
+    it cannot know: assuming none would make the fast sampler silently wrong."""
+    if isinstance(layer, keras.Model):
+        return receptive_field(layer)
+    if all(hasattr(layer, axis) for axis in Reach._fields):
+        return Reach(*(getattr(layer, axis) for axis in Reach._fields))
+    pointwise_conv = (isinstance(layer, layers.Conv2D) and tuple(layer.kernel_size) == (1, 1)
+                      and tuple(layer.strides) == (1, 1))
+    if isinstance(layer, POINTWISE_LAYERS) or pointwise_conv:
+        return Reach(0, 0, 0)
+    raise ValueError(f"receptive_field: cannot tell how far layer {layer.name!r} "
+                     f"({type(layer).__name__}) reads; give it rows_above, columns_left and "
+                     "columns_right attributes, as MaskedConv2D has")
+
+
 def receptive_field(model):
     """How far above, left and right of a position a model's outputs there can look: along each
     axis, the longest path through the layer graph of the reaches of its layers (a nested model
@@ -263,8 +287,7 @@ def receptive_field(model):
     config = model.get_config()
     for layer_config in config["layers"]:  # in topological order
         layer = model.get_layer(layer_config["name"])
-        own = (receptive_field(layer) if isinstance(layer, keras.Model)
-               else Reach(*(getattr(layer, axis, 0) for axis in Reach._fields)))
+        own = layer_reach(layer)
         inputs = [reach[name] for name in _input_layer_names(layer_config["inbound_nodes"])]
         reach[layer.name] = Reach(*(
             own[axis] + max((r[axis] for r in inputs), default=0) for axis in range(len(own))
@@ -289,19 +312,19 @@ def _write_codes(codes, row, col, values):
     return tf.tensor_scatter_nd_update(codes, positions, values)
 
 
-def _windowed_logits(prior, grid_shape):
-    """Logits at (row, col) from the smallest window of the map that the prior's receptive
-    field covers, which gives the same logits as the whole map."""
+def _windowed_logit_functions(prior, grid_shape):
+    """(prepare_row, logits_at) for any prior: logits at (row, col) from the smallest window of
+    the map that the prior's receptive field covers, which gives the same logits as the whole
+    map. A row's preparation is the top of its window."""
     height, width = grid_shape
     reach = receptive_field(prior)
     rows = min(height, reach.rows_above + 1)
     columns = min(width, reach.columns_left + reach.columns_right + 1)
 
     def prepare_row(codes, row):
-        return []
+        return tf.clip_by_value(row - rows + 1, 0, height - rows)
 
-    def logits_at(codes, row, col, _):
-        top = tf.clip_by_value(row - rows + 1, 0, height - rows)
+    def logits_at(codes, row, col, top):
         left = tf.clip_by_value(col - reach.columns_left, 0, width - columns)
         context = codes[:, top : top + rows, left : left + columns]  # (B, rows, columns)
         return prior(context, training=False)[:, row - top, col - left]  # (B, K)
@@ -309,10 +332,10 @@ def _windowed_logits(prior, grid_shape):
     return prepare_row, logits_at
 
 
-def _gated_logits(prior, grid_shape):
-    """Logits at (row, col) of the gated prior: its vertical stack, which at row i reads only
-    rows above i, runs once per row; per code only the horizontal stack runs, on the codes of
-    the row left of col that it can see."""
+def _gated_logit_functions(prior, grid_shape):
+    """(prepare_row, logits_at) for the gated prior: its vertical stack, which at row i reads
+    only rows above i, runs once per row (prepare_row); per code only the horizontal stack runs,
+    on the codes of the row left of col that it can see (logits_at)."""
     height, width = grid_shape
     embedding = prior.get_layer("embedding")
     vertical = prior.get_layer("vertical_stack")
@@ -338,7 +361,8 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
-    than the next code's logits need (see `_gated_logits` and `_windowed_logits`). To sample
+    than the next code's logits need (see `_gated_logit_functions` and
+    `_windowed_logit_functions`). To sample
     one prior repeatedly without compiling it again, call `code_sampler` once.
 
     Args:
@@ -359,7 +383,8 @@ def code_sampler(prior, grid_shape):
     -> int32 code maps (num_samples, h, w)."""
     height, width = grid_shape
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
-    prepare_row, logits_at = (_gated_logits if is_gated else _windowed_logits)(prior, grid_shape)
+    logit_functions = _gated_logit_functions if is_gated else _windowed_logit_functions
+    prepare_row, logits_at = logit_functions(prior, grid_shape)
 
     @tf.function
     def sample_all(num_samples, temperature, seed):

@@ -170,3 +170,21 @@ def test_save_load_round_trip(kind, tmp_path):
     prior.save(tmp_path / "prior.keras")
     loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
     np.testing.assert_array_equal(prior(codes).numpy(), loaded(codes).numpy())
+
+
+def test_receptive_field_refuses_a_layer_it_cannot_measure():
+    """A plain 3x3 convolution added to a prior reads rows below and columns right of a position:
+    assuming it reads nothing would make the windowed sampler silently wrong."""
+    codes = keras.Input(shape=(None, None), dtype="int32")
+    x = keras.layers.Embedding(K, 4)(codes)
+    x = pixelcnn.MaskedConv2D(4, 3, "A")(x)
+    x = keras.layers.Conv2D(K, 3, padding="same", name="unmasked")(x)
+    with pytest.raises(ValueError, match="unmasked"):
+        pixelcnn.receptive_field(keras.Model(codes, x))
+    with pytest.raises(ValueError, match="unmasked"):
+        pixelcnn.code_sampler(keras.Model(codes, x), GRID)
+
+
+def test_build_refuses_an_unknown_kind():
+    with pytest.raises(ValueError, match="gated"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gatd")
