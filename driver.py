@@ -501,6 +501,13 @@ def fit(model, data, validation, epochs, checkpoints, log_dir, callbacks=()):
     )
 
 
+def describe_devices(strategy):
+    gpus = len(tf.config.list_logical_devices("GPU"))
+    devices = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "the CPU (no GPU found)"
+    replicas = strategy.num_replicas_in_sync
+    return f"Running on {devices}" + (f", {replicas} replicas in sync" if replicas > 1 else "")
+
+
 def distribution_strategy(name):
     """The tf.distribute strategy that --strategy names; --batch_size is the global batch."""
     if name == "multiworker":
@@ -626,18 +633,25 @@ def plot_losses(history, path):
 
 
 def plot_validation_quality(history, num_embeddings, path):
-    fig = Figure(figsize=(10, 3.5))
-    ssim_axis, codebook_axis = fig.subplots(1, 2)
+    """Validation SSIM and, in histories that track it, codebook use per epoch."""
+    tracks_codebook = "val_codes_used" in history  # not in checkpoints of earlier versions
+    fig = Figure(figsize=(10 if tracks_codebook else 5, 3.5))
+    ssim_axis, *codebook_axes = fig.subplots(1, 2 if tracks_codebook else 1, squeeze=False)[0]
     epochs = np.arange(1, len(history["val_ssim"]) + 1)
     ssim_axis.plot(epochs, history["val_ssim"], marker="o")
     ssim_axis.set(title="validation SSIM", xlabel="epoch", ylabel="mean SSIM")
+    if tracks_codebook:
+        plot_codebook_history(codebook_axes[0], epochs, history, num_embeddings)
+    save_figure(fig, path)
+
+
+def plot_codebook_history(codebook_axis, epochs, history, num_embeddings):
     codebook_axis.plot(epochs, history["val_codes_used"], marker="o", label="codes used")
     codebook_axis.plot(epochs, np.array(history["val_codebook_perplexity"]) / num_embeddings,
                        marker="o", label="perplexity / K")
     codebook_axis.set(title=f"codebook use on the validation split (K = {num_embeddings})",
                       xlabel="epoch", ylabel="share of K", ylim=(0, 1.05))
     codebook_axis.legend()
-    save_figure(fig, path)
 
 
 def plot_codebook_results(originals, codes, reconstructions, scores, path):
@@ -681,8 +695,9 @@ def plot_codebook_usage(counts, path):
 def plot_realism(statistics, distances, path):
     """One panel per anatomy statistic: its distribution in each image set, titled with the
     samples' distance from the real slices in units of the real spread."""
-    fig = Figure(figsize=(4 * len(evaluation.ANATOMY), 3.4))
-    for ax, name in zip(fig.subplots(1, len(evaluation.ANATOMY)), evaluation.ANATOMY):
+    columns = math.ceil(len(evaluation.ANATOMY) / 2)
+    fig = Figure(figsize=(4.2 * columns, 7.4), layout="constrained")
+    for ax, name in zip(fig.subplots(2, columns).ravel(), evaluation.ANATOMY):
         if name == "intensity":
             for label, values in statistics.items():
                 ax.plot(evaluation.intensity_bin_centres(), values[name], label=label)
@@ -693,7 +708,7 @@ def plot_realism(statistics, distances, path):
             ax.hist(values, bins=edges, density=True, histtype="step", linewidth=1.5,
                     label=list(statistics))
             ax.set(xlabel=name.replace("_", " "), ylabel="density")
-        ax.set_title(f"{name.replace('_', ' ')}: samples {distances[name]:.2f} sd from real")
+        ax.set_title(f"{name.replace('_', ' ')}\nsamples {distances[name]:.2f} sd from real")
     fig.axes[0].legend(loc="upper right", fontsize="small")
     save_figure(fig, path)
 
@@ -814,6 +829,7 @@ def sample_images(models, args):
 def run(args):
     # first, before any TensorFlow operation: a multi-worker strategy requires it
     strategy = distribution_strategy(args.strategy)
+    print(describe_devices(strategy))
     if args.evaluate:
         args = trained_settings(args)
     keras.utils.set_random_seed(args.seed)

@@ -355,3 +355,46 @@ def realism(reference, other, seed):
     accuracy, stderr = two_sample_test(reference["features"], other["features"], seed)
     return {"c2st_accuracy": accuracy, "c2st_stderr": stderr,
             "anatomy": anatomy_distances(reference["statistics"], other["statistics"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Negative controls: images the realism test must flag (tests/test_realism.py, and the README's
+# table from benchmarks/realism.py)
+
+
+def smooth_noise(size, rng, scale):
+    """Gaussian noise smoothed over scale * size pixels, with unit spread."""
+    noise = ndimage.gaussian_filter(rng.normal(size=(size, size)), scale * size)
+    return noise / noise.std()
+
+
+def shuffled_tiles(images, rng, tiles=4):
+    """Each image (N, S, S) cut into tiles x tiles squares, put back in a random order."""
+    count, size = len(images), images.shape[1]
+    side = size // tiles
+    # (N, S, S) -> (N, tiles * tiles, side, side) and back
+    blocks = images.reshape(count, tiles, side, tiles, side).transpose(0, 1, 3, 2, 4)
+    blocks = blocks.reshape(count, tiles * tiles, side, side)
+    blocks = np.stack([image_blocks[rng.permutation(tiles * tiles)] for image_blocks in blocks])
+    blocks = blocks.reshape(count, tiles, tiles, side, side).transpose(0, 1, 3, 2, 4)
+    return blocks.reshape(images.shape)
+
+
+def blurred(images, share=1 / 16):
+    """Each image (N, S, S) blurred by a Gaussian of share * S pixels."""
+    return ndimage.gaussian_filter(images, (0, share * images.shape[1], share * images.shape[1]))
+
+
+def tadpoles(count, size, rng):
+    """The seed's samples: filled ellipses with a tail, smooth noise inside: (N, S, S)."""
+    rows, cols = np.mgrid[:size, :size] / size - 0.5
+    images = []
+    for _ in range(count):
+        radius_y, radius_x = rng.uniform(0.25, 0.4), rng.uniform(0.2, 0.35)
+        centre_y, centre_x = rng.uniform(-0.05, 0.05, 2)
+        body = ((rows - centre_y) / radius_y) ** 2 + ((cols - centre_x) / radius_x) ** 2 < 1
+        tail = ((np.abs(cols - centre_x) < 0.04) & (rows > centre_y)
+                & (rows < centre_y + radius_y + 0.12))
+        texture = 0.5 + 0.25 * smooth_noise(size, rng, 1 / 16)
+        images.append(np.clip((body | tail) * texture, 0, 1))
+    return np.stack(images).astype("float32")

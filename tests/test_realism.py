@@ -8,7 +8,6 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
 
 import evaluation
 import vqvae
@@ -29,11 +28,6 @@ def demo_images(split):
                      for f in files]) / 255
 
 
-def smooth_noise(rng, scale):
-    noise = ndimage.gaussian_filter(rng.normal(size=(SIZE, SIZE)), scale * SIZE)
-    return noise / noise.std()
-
-
 def synthetic_brains(count, rng):
     """Two hemispheres split by a dark fissure, two dark ventricles, textured tissue."""
     rows, cols = np.mgrid[:SIZE, :SIZE] / SIZE - 0.5
@@ -43,35 +37,8 @@ def synthetic_brains(count, rng):
         brain = (rows / ry) ** 2 + (cols / rx) ** 2 < 1
         fissure = np.abs(cols) < 0.015
         ventricles = ((rows / 0.12) ** 2 + ((np.abs(cols) - 0.06) / 0.035) ** 2) < 1
-        tissue = np.clip(0.6 + 0.12 * smooth_noise(rng, 0.03), 0.2, 1)
+        tissue = np.clip(0.6 + 0.12 * evaluation.smooth_noise(SIZE, rng, 0.03), 0.2, 1)
         images.append(brain * ~fissure * ~ventricles * tissue)
-    return np.stack(images).astype("float32")
-
-
-def shuffled_tiles(images, rng, tiles=4):
-    """Each image cut into tiles x tiles squares, put back in a random order."""
-    side = SIZE // tiles
-    blocks = images.reshape(len(images), tiles, side, tiles, side).transpose(0, 1, 3, 2, 4)
-    blocks = blocks.reshape(len(images), tiles * tiles, side, side)
-    blocks = np.stack([b[rng.permutation(tiles * tiles)] for b in blocks])
-    blocks = blocks.reshape(len(images), tiles, tiles, side, side).transpose(0, 1, 3, 2, 4)
-    return blocks.reshape(images.shape)
-
-
-def blurred(images):
-    return ndimage.gaussian_filter(images, (0, SIZE / 16, SIZE / 16))
-
-
-def tadpoles(count, rng):
-    """The seed's samples: filled ellipses with a tail, smooth noise inside."""
-    rows, cols = np.mgrid[:SIZE, :SIZE] / SIZE - 0.5
-    images = []
-    for _ in range(count):
-        ry, rx = rng.uniform(0.25, 0.4), rng.uniform(0.2, 0.35)
-        cy, cx = rng.uniform(-0.05, 0.05, 2)
-        body = ((rows - cy) / ry) ** 2 + ((cols - cx) / rx) ** 2 < 1
-        tail = (np.abs(cols - cx) < 0.04) & (rows > cy) & (rows < cy + ry + 0.12)
-        images.append(np.clip((body | tail) * (0.5 + 0.25 * smooth_noise(rng, 1 / 16)), 0, 1))
     return np.stack(images).astype("float32")
 
 
@@ -100,8 +67,9 @@ def sources():
 
 def negative_controls(name, real, train):
     rng = np.random.default_rng(1)
-    controls = {"shuffled tiles": shuffled_tiles(real, rng), "heavy blur": blurred(real),
-                "tadpoles": tadpoles(len(real), rng)}
+    controls = {"shuffled tiles": evaluation.shuffled_tiles(real, rng),
+                "heavy blur": evaluation.blurred(real),
+                "tadpoles": evaluation.tadpoles(len(real), SIZE, rng)}
     if name == "demo":
         controls["unigram codes"] = unigram_decoded(train, len(real), rng)
     return controls
