@@ -7,6 +7,9 @@ minimises eq. 3 of the paper:
     L = ||x - D(z_q(x))||^2 + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
 
 with the straight-through estimator carrying the decoder's gradient past the argmin.
+`EMAVectorQuantizer` instead moves the codebook by exponential moving averages (the paper's
+appendix A.1) and restarts codes that fall out of use (Jukebox, Dhariwal et al. 2020), so only the
+commitment term of eq. 3 remains a loss.
 """
 
 import keras
@@ -23,6 +26,21 @@ DOWNSAMPLING = 2 ** len(ENCODER_FILTERS)
 RESIDUAL_BLOCKS = 2
 # The commitment weight of the paper (section 3.2); driver.py's --beta defaults to the seed's.
 PAPER_BETA = 0.25
+# The EMA codebook's decay gamma (appendix A.1 of the paper and sonnet's VectorQuantizerEMA).
+PAPER_EMA_DECAY = 0.99
+# Sonnet's Laplace smoothing of the EMA counts: keeps an unused code's count above zero.
+LAPLACE_EPSILON = 1e-5
+# A code whose EMA count (its vectors per batch, averaged over about 1 / (1 - decay) batches)
+# falls below this is restarted; Jukebox's value. A code that gets less than one of a batch's
+# B*h*w vectors (thousands) carries almost no information, while at decay 0.99 the count of a code
+# used twice per batch fluctuates by only about 0.1 (Poisson noise over ~100 batches), so a live
+# code is not restarted by chance.
+RESTART_THRESHOLD = 1.0
+QUANTIZERS = ("loss", "ema")
+
+
+def codebook_initializer(num_embeddings):
+    return keras.initializers.RandomUniform(-1.0 / num_embeddings, 1.0 / num_embeddings)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -48,9 +66,7 @@ class VectorQuantizer(layers.Layer):
         self.embeddings = self.add_weight(
             name="embeddings",
             shape=(self.num_embeddings, self.embedding_dim),
-            initializer=keras.initializers.RandomUniform(
-                -1.0 / self.num_embeddings, 1.0 / self.num_embeddings
-            ),
+            initializer=codebook_initializer(self.num_embeddings),
             trainable=True,
         )
 
@@ -85,6 +101,132 @@ class VectorQuantizer(layers.Layer):
         config = super().get_config()
         config.update(
             num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim, beta=self.beta
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class EMAVectorQuantizer(VectorQuantizer):
+    """A `VectorQuantizer` whose codebook follows exponential moving averages of the encoder
+    outputs assigned to each code (appendix A.1 of the paper, sonnet's VectorQuantizerEMA), with
+    Jukebox's restarts of codes that fall out of use.
+
+    Args:
+        num_embeddings: K, the number of codebook vectors.
+        embedding_dim: D, the size of each codebook vector.
+        beta: weight of the commitment loss (the paper's 0.25 by default).
+        decay: gamma of the moving averages (the paper's 0.99 by default).
+        restart_threshold: a code whose EMA count of vectors per batch falls below this is moved
+            to a random encoder output of the batch; 0 never restarts.
+        epsilon: Laplace smoothing of the EMA counts.
+
+    Calling the layer with training=True updates the codebook from the (global) batch; calling it
+    returns z_q and adds `beta * commitment_loss` to `self.losses`. The codebook, the EMA counts
+    N_i and sums m_i, the number of updates and the cumulative number of restarts are
+    non-trainable weights, so they are saved and restored with the model.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, beta=PAPER_BETA, decay=PAPER_EMA_DECAY,
+                 restart_threshold=RESTART_THRESHOLD, epsilon=LAPLACE_EPSILON, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, beta, **kwargs)
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        if restart_threshold < 0:
+            raise ValueError(f"restart_threshold must be >= 0, got {restart_threshold}")
+        self.decay = decay
+        self.restart_threshold = restart_threshold
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        # Every replica computes the same update from all-reduced statistics, so the first
+        # replica's value is everyone's.
+        state = dict(trainable=False, aggregation="only_first_replica")
+        shape = (self.num_embeddings, self.embedding_dim)
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=shape,
+            initializer=codebook_initializer(self.num_embeddings), **state)
+        # Zero statistics: the first update sets each surviving code to the mean of its vectors
+        # and restarts the others, a codebook initialised from the first batch.
+        self.ema_counts = self.add_weight(
+            name="ema_counts", shape=(self.num_embeddings,), initializer="zeros", **state)
+        self.ema_sums = self.add_weight(name="ema_sums", shape=shape, initializer="zeros", **state)
+        self.updates = self.add_weight(
+            name="updates", shape=(), dtype="int64", initializer="zeros", **state)
+        self.restarts = self.add_weight(
+            name="restarts", shape=(), dtype="int64", initializer="zeros", **state)
+
+    def call(self, z_e, training=False):
+        indices = self.code_indices(z_e)
+        quantized = self.lookup(indices)  # the codebook the indices were chosen from
+        if training:
+            self.update_codebook(z_e, indices)
+        # Of eq. 3 only the commitment term is a loss: the moving averages replace the codebook
+        # term.
+        commitment_loss = ops.mean((z_e - ops.stop_gradient(quantized)) ** 2)
+        self.add_loss(self.beta * commitment_loss)
+        return z_e + ops.stop_gradient(quantized - z_e)
+
+    def update_codebook(self, z_e, indices):
+        """One EMA step (appendix A.1) on the global batch, then restarts of the unused codes."""
+        flat = ops.reshape(z_e, (-1, self.embedding_dim))  # (B, h, w, D) -> (B*h*w, D)
+        indices = ops.reshape(indices, (-1,))  # (B, h, w) -> (B*h*w,)
+        context = tf.distribute.get_replica_context()
+        if context is None:
+            raise RuntimeError("an EMA codebook update under a tf.distribute strategy must run "
+                               "in strategy.run (as fit does), where each replica has its share")
+        # n_i and the sum of the z_e assigned to code i, over every replica's share of the batch
+        counts, sums = context.all_reduce("sum", (
+            ops.segment_sum(ops.ones_like(flat[:, 0]), indices, self.num_embeddings),
+            ops.segment_sum(flat, indices, self.num_embeddings),
+        ))
+        ema_counts = self.decay * self.ema_counts + (1 - self.decay) * counts
+        ema_sums = self.decay * self.ema_sums + (1 - self.decay) * sums
+        # Laplace smoothing: no code divides by a zero count, and the counts still sum to N.
+        total = ops.sum(ema_counts)
+        smoothed = ((ema_counts + self.epsilon)
+                    / (total + self.num_embeddings * self.epsilon) * total)
+        codebook = ema_sums / smoothed[:, None]
+
+        # Jukebox's restarts: a code whose count fell below the threshold moves to a random
+        # encoder output of the batch, where encoder outputs are dense. It enters with the count
+        # that one update decays to the threshold (and the matching sum), so it survives its next
+        # update even if that batch gives it no vector; comparing against decay * entry_count
+        # rather than the threshold keeps that true under float32 rounding.
+        entry_count = ops.convert_to_tensor(self.restart_threshold / self.decay, "float32")
+        dead = ema_counts < self.decay * entry_count
+        vectors = self.random_batch_vectors(flat, context)
+        self.embeddings.assign(ops.where(dead[:, None], vectors, codebook))
+        self.ema_counts.assign(ops.where(dead, entry_count, ema_counts))
+        self.ema_sums.assign(ops.where(dead[:, None], entry_count * vectors, ema_sums))
+        self.restarts.assign_add(ops.sum(ops.cast(dead, "int64")))
+        self.updates.assign_add(1)
+
+    def random_batch_vectors(self, flat, context):
+        """K rows drawn uniformly from the global batch's (B*h*w, D) encoder outputs, the same
+        rows on every replica."""
+        replicas = context.num_replicas_in_sync
+        replica = context.replica_id_in_sync_group
+        size = ops.shape(flat)[0]
+        # (replicas,) row counts; this replica holds global rows offset .. offset + size - 1
+        sizes = context.all_reduce("sum", ops.one_hot(replica, replicas, dtype="int32") * size)
+        offset = ops.sum(ops.where(ops.arange(replicas) < replica, sizes, 0))
+        # Seeded by the update count, which every replica shares, so all draw the same rows.
+        seed = ops.stack([self.updates.value, ops.zeros((), "int64")])
+        rows = tf.random.stateless_uniform(
+            (self.num_embeddings,), seed, minval=0, maxval=ops.sum(sizes), dtype="int32"
+        ) - offset
+        mine = (rows >= 0) & (rows < size)
+        # A zero row to point the other replicas' rows at (a replica's share can be empty).
+        padded = ops.concatenate([flat, ops.zeros((1, self.embedding_dim), flat.dtype)])
+        # (B*h*w + 1, D) -> (K, D)
+        vectors = ops.take(padded, ops.where(mine, rows, size), axis=0)
+        # each row lives on one replica: the sum over replicas copies it to all
+        return context.all_reduce("sum", vectors)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            decay=self.decay, restart_threshold=self.restart_threshold, epsilon=self.epsilon
         )
         return config
 
@@ -167,28 +309,46 @@ class VQVAE(keras.Model):
         beta: commitment weight of eq. 3 (the paper's 0.25 by default).
         data_variance: pixel variance of the training split; the reconstruction MSE is divided by
             it so the loss scale does not depend on the intensity range (as in the paper's code).
+        quantizer: "loss" trains the codebook by eq. 3's codebook term (`VectorQuantizer`),
+            "ema" by moving averages with restarts of unused codes (`EMAVectorQuantizer`), whose
+            cumulative restart count training then logs as "restarts".
+        ema_decay: gamma of the moving averages (quantizer="ema" only).
+        restart_threshold: EMA count below which a code is restarted (quantizer="ema" only).
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, pixel_range, beta=PAPER_BETA,
-                 data_variance=1.0, **kwargs):
+                 data_variance=1.0, quantizer="loss", ema_decay=PAPER_EMA_DECAY,
+                 restart_threshold=RESTART_THRESHOLD, **kwargs):
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         super().__init__(**kwargs)
         self.pixel_range = tuple(pixel_range)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = beta
         self.data_variance = data_variance
+        self.quantizer_kind = quantizer
+        self.ema_decay = ema_decay
+        self.restart_threshold = restart_threshold
         self.encoder = build_encoder(embedding_dim)
         # float32 even under mixed precision: nearest-code distances need the precision
-        self.quantizer = VectorQuantizer(
-            num_embeddings, embedding_dim, beta, dtype="float32", name="quantizer"
-        )
+        if quantizer == "ema":
+            self.quantizer = EMAVectorQuantizer(
+                num_embeddings, embedding_dim, beta, decay=ema_decay,
+                restart_threshold=restart_threshold, dtype="float32", name="quantizer"
+            )
+        else:
+            self.quantizer = VectorQuantizer(
+                num_embeddings, embedding_dim, beta, dtype="float32", name="quantizer"
+            )
         self.decoder = build_decoder(embedding_dim, self.pixel_range)
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
 
     def call(self, images, training=False):
-        return self.decoder(self.quantizer(self.encoder(images, training=training)))
+        z_e = self.encoder(images, training=training)
+        return self.decoder(self.quantizer(z_e, training=training))
 
     def encode_to_indices(self, images):
         """Images (B, H, W, 1) -> code maps (B, H/4, W/4) of integers in [0, K)."""
@@ -224,7 +384,11 @@ class VQVAE(keras.Model):
             scaled_loss = self.optimizer.scale_loss(total_loss / replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        return self._track(total_loss, reconstruction_loss, vq_loss)
+        logs = self._track(total_loss, reconstruction_loss, vq_loss)
+        if self.quantizer_kind == "ema":
+            # the quantizer's cumulative count, not a per-epoch metric: it survives a resume
+            logs["restarts"] = ops.cast(self.quantizer.restarts, "float32")
+        return logs
 
     def test_step(self, images):
         return self._track(*self.eq3_losses(images, training=False))
@@ -236,5 +400,8 @@ class VQVAE(keras.Model):
             "beta": self.beta,
             "data_variance": self.data_variance,
             "pixel_range": self.pixel_range,
+            "quantizer": self.quantizer_kind,
+            "ema_decay": self.ema_decay,
+            "restart_threshold": self.restart_threshold,
             "name": self.name,
         }

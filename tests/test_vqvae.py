@@ -124,3 +124,175 @@ def test_reconstructions_are_clipped_with_a_straight_through_gradient():
     np.testing.assert_allclose(y.numpy(), [-0.5, -0.5, -0.2, 0.4, 0.5, 0.5])
     # d loss / dx is the weight of each element, clipped or not
     np.testing.assert_allclose(tape.gradient(loss, x).numpy(), np.arange(1.0, 7.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The EMA codebook (appendix A.1) with Jukebox's restarts
+
+
+def ema_quantizer(codebook, counts, decay=0.9, restart_threshold=0.0, beta=0.25,
+                  epsilon=vqvae.LAPLACE_EPSILON):
+    """An EMAVectorQuantizer in a given state: codebook, EMA counts and sums consistent with
+    them (sum = count * code)."""
+    num_embeddings, embedding_dim = codebook.shape
+    quantizer = vqvae.EMAVectorQuantizer(num_embeddings, embedding_dim, beta=beta, decay=decay,
+                                         restart_threshold=restart_threshold, epsilon=epsilon)
+    quantizer.build((None, embedding_dim))
+    quantizer.embeddings.assign(codebook.astype("float32"))
+    quantizer.ema_counts.assign(counts.astype("float32"))
+    quantizer.ema_sums.assign((counts[:, None] * codebook).astype("float32"))
+    return quantizer
+
+
+def ema_step(codebook, counts, sums, z_e, decay, epsilon=vqvae.LAPLACE_EPSILON):
+    """Appendix A.1 in numpy (float64): nearest codes, EMA of counts and sums, smoothed division."""
+    flat = z_e.reshape(-1, codebook.shape[1])
+    nearest = ((flat[:, None] - codebook) ** 2).sum(-1).argmin(1)
+    assigned = np.zeros_like(sums)
+    np.add.at(assigned, nearest, flat)
+    counts = decay * counts + (1 - decay) * np.bincount(nearest, minlength=len(codebook))
+    sums = decay * sums + (1 - decay) * assigned
+    total = counts.sum()
+    smoothed = (counts + epsilon) / (total + len(codebook) * epsilon) * total
+    return sums / smoothed[:, None], counts, sums
+
+
+def quantizer_state(quantizer):
+    return {weight.name: weight.numpy().copy() for weight in quantizer.weights}
+
+
+def test_ema_update_matches_numpy_after_one_and_two_steps():
+    rng = np.random.default_rng(0)
+    codebook = rng.normal(size=(6, 3))
+    codebook[-1] = 10.0  # far from every output: only decays
+    counts = rng.uniform(0.5, 3.0, size=6)
+    sums = counts[:, None] * codebook
+    # a large epsilon, so that a missing or wrong Laplace smoothing shows
+    quantizer = ema_quantizer(codebook, counts, decay=0.9, epsilon=0.1)
+    for step in range(2):
+        z_e = rng.normal(size=(2, 3, 4, 3)).astype("float32")
+        z_q = quantizer(z_e, training=True).numpy()
+        # the output is quantized with the codebook the indices were chosen from
+        nearest = ((z_e[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)
+        np.testing.assert_allclose(z_q, codebook[nearest], atol=1e-5)
+        assert (nearest != len(codebook) - 1).all()
+        codebook, counts, sums = ema_step(codebook, counts, sums, z_e, decay=0.9, epsilon=0.1)
+        np.testing.assert_allclose(quantizer.ema_counts.numpy(), counts, rtol=1e-5)
+        np.testing.assert_allclose(quantizer.ema_sums.numpy(), sums, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(quantizer.embeddings.numpy(), codebook, rtol=1e-5, atol=1e-6)
+        assert int(quantizer.updates.numpy()) == step + 1
+    assert int(quantizer.restarts.numpy()) == 0  # threshold 0 never restarts
+
+
+def test_unused_code_is_restarted_to_a_batch_vector():
+    rng = np.random.default_rng(1)
+    # codes 0-2 sit in the data, code 3 far away where no encoder output goes
+    codebook = np.array([[-1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [50.0, 50.0]])
+    counts = np.full(4, 3.0)
+    sums = counts[:, None] * codebook
+    quantizer = ema_quantizer(codebook, counts, decay=0.5, restart_threshold=1.0)
+
+    def near_used_codes():
+        return (np.repeat(codebook[:3], 8, axis=0)
+                + rng.normal(scale=0.1, size=(24, 2))).reshape(2, 3, 4, 2).astype("float32")
+
+    # code 3's count 3 decays to 1.5 (kept), then to 0.75 < 1: restarted in the second step
+    for step, restarts in enumerate([0, 1]):
+        z_e = near_used_codes()
+        quantizer(z_e, training=True)
+        codebook, counts, sums = ema_step(codebook, counts, sums, z_e, decay=0.5)
+        assert int(quantizer.restarts.numpy()) == restarts
+        # used codes follow the moving averages, never a restart
+        np.testing.assert_allclose(quantizer.embeddings.numpy()[:3], codebook[:3], rtol=1e-5)
+        np.testing.assert_allclose(quantizer.ema_counts.numpy()[:3], counts[:3], rtol=1e-5)
+    restarted = quantizer.embeddings.numpy()[3]
+    assert np.all(restarted == z_e.reshape(-1, 2), axis=1).any(), restarted
+    # it enters with the count that decays to the threshold, and the matching sum
+    entry = quantizer.ema_counts.numpy()[3]
+    np.testing.assert_allclose(entry, 1.0 / 0.5)
+    np.testing.assert_allclose(quantizer.ema_sums.numpy()[3], entry * restarted, rtol=1e-6)
+
+    # outputs exactly on codes 0-2 give the restarted code nothing: it survives one such step
+    # (its vector only moves by the Laplace smoothing) and is restarted in the next
+    on_used_codes = np.tile(quantizer.embeddings.numpy()[:3], (8, 1)).reshape(2, 3, 4, 2)
+    quantizer(on_used_codes, training=True)
+    assert int(quantizer.restarts.numpy()) == 1
+    np.testing.assert_allclose(quantizer.embeddings.numpy()[3], restarted, rtol=1e-4)
+    quantizer(on_used_codes, training=True)
+    assert int(quantizer.restarts.numpy()) == 2
+    assert np.all(quantizer.embeddings.numpy()[3] == on_used_codes.reshape(-1, 2), axis=1).any()
+
+
+def test_inference_call_changes_nothing():
+    rng = np.random.default_rng(2)
+    quantizer = ema_quantizer(rng.normal(size=(5, 2)), np.full(5, 0.5), restart_threshold=1.0)
+    z_e = rng.normal(size=(2, 4, 4, 2)).astype("float32")
+    before = quantizer_state(quantizer)
+    quantizer(z_e, training=False)
+    quantizer(z_e)
+    quantizer.code_indices(z_e)
+    for name, value in quantizer_state(quantizer).items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+    # the same call in training mode would have changed every part of the state
+    quantizer(z_e, training=True)
+    after = quantizer_state(quantizer)
+    assert all(np.any(after[name] != before[name]) for name in before), after
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 1.5])
+def test_ema_loss_is_the_commitment_term_with_a_straight_through_gradient(beta):
+    rng = np.random.default_rng(3)
+    codebook = rng.normal(size=(7, 3))
+    quantizer = ema_quantizer(codebook, np.ones(7), beta=beta)
+    assert quantizer.trainable_weights == []
+    z_e = tf.constant(rng.normal(size=(2, 2, 3, 3)).astype("float32"))
+    upstream = tf.constant(rng.normal(size=(2, 2, 3, 3)).astype("float32"))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z_e)
+        z_q = quantizer(z_e, training=True)
+        loss = sum(quantizer.losses)
+    nearest = codebook[((z_e.numpy()[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)]
+    # beta * mean((z_e - sg[e])^2) alone: no codebook term
+    assert len(quantizer.losses) == 1
+    np.testing.assert_allclose(float(loss), beta * ((z_e.numpy() - nearest) ** 2).mean(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(tape.gradient(loss, z_e).numpy(),
+                               beta * 2 * (z_e.numpy() - nearest) / z_e.numpy().size,
+                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(tape.gradient(z_q, z_e, upstream).numpy(), upstream.numpy())
+
+
+def test_vqvae_refuses_an_unknown_quantizer():
+    with pytest.raises(ValueError, match="quantizer"):
+        vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, quantizer="kmeans")
+
+
+def test_ema_vqvae_logs_cumulative_restarts():
+    keras.utils.set_random_seed(0)
+    model = vqvae.VQVAE(16, 2, pixel_range=PIXEL_RANGE, quantizer="ema", ema_decay=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).uniform(-0.5, 0.5, (8, 16, 16, 1)).astype("float32")
+    history = model.fit(images, epochs=2, batch_size=4, verbose=0).history
+    assert set(history) == {"loss", "reconstruction_loss", "vq_loss", "restarts"}
+    assert isinstance(model.quantizer, vqvae.EMAVectorQuantizer)
+    assert 0 < history["restarts"][0] <= history["restarts"][1]
+    assert history["restarts"][-1] == int(model.quantizer.restarts.numpy())
+    assert int(model.quantizer.updates.numpy()) == 4
+
+
+def test_ema_vqvae_save_load_round_trip_keeps_the_codebook_state(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = vqvae.VQVAE(8, 3, pixel_range=PIXEL_RANGE, quantizer="ema", ema_decay=0.8,
+                        restart_threshold=0.5)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    images = np.random.default_rng(0).uniform(-0.5, 0.5, (8, 16, 16, 1)).astype("float32")
+    model.fit(images, epochs=1, batch_size=2, verbose=0)
+    state = quantizer_state(model.quantizer)
+    assert state["updates"] == 4 and state["restarts"] > 0 and state["ema_counts"].any()
+    model.save(tmp_path / "vqvae.keras")
+    loaded = keras.models.load_model(tmp_path / "vqvae.keras", safe_mode=True)
+    assert isinstance(loaded.quantizer, vqvae.EMAVectorQuantizer)
+    assert (loaded.quantizer.decay, loaded.quantizer.restart_threshold) == (0.8, 0.5)
+    for name, value in quantizer_state(loaded.quantizer).items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    np.testing.assert_array_equal(model(images).numpy(), loaded(images).numpy())
