@@ -106,6 +106,7 @@ def checked(kind, test, requirement):
 
 positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
 non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+open_unit_interval = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1, exclusive")
 positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 non_negative_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -149,6 +150,18 @@ def build_parser():
                     help="D, the size of each codebook vector (default: %(default)s)")
     vq.add_argument("--beta", type=non_negative_float, default=1.5,
                     help="beta, the commitment loss weight of eq. 3 (default: %(default)s)")
+    vq.add_argument("--quantizer", choices=vqvae.QUANTIZERS, default="ema",
+                    help="how the codebook learns: ema, moving averages of the encoder outputs "
+                         "(the paper's appendix A.1) with restarts of unused codes; loss, the "
+                         "codebook term of eq. 3 (default: %(default)s)")
+    vq.add_argument("--ema-decay", type=open_unit_interval, default=vqvae.PAPER_EMA_DECAY,
+                    help="gamma, the decay of the EMA codebook's moving averages "
+                         "(default: %(default)s)")
+    vq.add_argument("--restart-threshold", type=non_negative_float,
+                    default=vqvae.RESTART_THRESHOLD,
+                    help="an EMA code used by fewer encoder outputs per batch than this (moving "
+                         "average) is restarted at a random encoder output; 0 never restarts "
+                         "(default: %(default)s)")
     vq.add_argument("--epochs", type=non_negative_int, default=30,
                     help="VQ-VAE training epochs (default: %(default)s)")
     vq.add_argument("--batch_size", type=positive_int, default=32,
@@ -522,7 +535,9 @@ def train_vqvae(splits, args, checkpoints, strategy):
     variance = pixel_variance(splits.train)
     with strategy.scope():
         model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
-                            pixel_range=(-args.shift, 1.0 - args.shift))
+                            pixel_range=(-args.shift, 1.0 - args.shift),
+                            quantizer=args.quantizer, ema_decay=args.ema_decay,
+                            restart_threshold=args.restart_threshold)
         model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
         model(tf.zeros((1, args.image_size, args.image_size, 1)))  # build, so a backup restores
     fit(model, splits.shuffled_train(args.seed), splits.scaled("validate"), args.epochs,
@@ -759,7 +774,8 @@ class Checkpoints:
 
 SETTINGS_FILE = "settings.json"
 # Flags that change what a checkpoint holds: a resumed run must use the same ones.
-MODEL_FLAGS = ("data", "image_size", "shift", "K", "D", "beta", "epochs", "batch_size",
+MODEL_FLAGS = ("data", "image_size", "shift", "K", "D", "beta", "quantizer", "ema_decay",
+               "restart_threshold", "epochs", "batch_size",
                "learning_rate", "pcnn_type", "pcnn_epochs", "pcnn_learning_rate",
                "pcnn_filters", "pcnn_res_blocks", "pcnn_layers", "seed")
 

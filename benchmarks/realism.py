@@ -24,21 +24,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import vqvae  # noqa: E402
+from training import matmul_gflops  # noqa: E402
 
 SEED = 0
 UNIGRAM_K, UNIGRAM_D, UNIGRAM_EPOCHS = 32, 8, 8
 TIMED_IMAGES = 256
-MATMUL_SIZE = 4096
-
-
-def matmul_gflops():
-    """float32 MATMUL_SIZE^2 matmul speed of this machine now (machines vary 3-4x by day)."""
-    a = tf.random.normal((MATMUL_SIZE, MATMUL_SIZE))
-    tf.matmul(a, a).numpy()
-    start = time.perf_counter()
-    for _ in range(3):
-        tf.matmul(a, a).numpy()
-    return 3 * 2 * MATMUL_SIZE**3 / (time.perf_counter() - start) / 1e9
 
 
 def demo_split(split, size):

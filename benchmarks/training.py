@@ -34,11 +34,14 @@ import tensorflow as tf  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
 import driver  # noqa: E402
+import evaluation  # noqa: E402
 import pixelcnn  # noqa: E402
 import vqvae  # noqa: E402
 
 SEED = 0
 MODELS = ("seed", "ours")
+# Ours with the codebook term of eq. 3 instead of the EMA codebook: the quantizers' speeds compared.
+LOSS_QUANTIZER = "ours, loss quantizer"
 # driver.py arguments of each setting; the seed takes SEED_DEFAULTS at 256x256 and the demo's
 # K, D, batch size and learning rates at the demo size, so that both models do the same task.
 SETTINGS = {"defaults": [], "demo": ["--demo"]}
@@ -55,6 +58,18 @@ UNLIMITED = 1_000_000
 QUICK_SECONDS = 1.0
 QUICK_BUDGET_SECONDS = 10.0
 MIB = 1024  # ru_maxrss is in KiB on Linux
+MATMUL_SIZE = 4096
+
+
+def matmul_gflops():
+    """float32 MATMUL_SIZE^2 matmul speed of this machine now: machines here vary 3-4x from day
+    to day, so times are printed beside it."""
+    a = tf.random.normal((MATMUL_SIZE, MATMUL_SIZE))
+    tf.matmul(a, a).numpy()
+    start = time.perf_counter()
+    for _ in range(3):
+        tf.matmul(a, a).numpy()
+    return 3 * 2 * MATMUL_SIZE**3 / (time.perf_counter() - start) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +207,10 @@ def compiled_vqvae(model_name, args, variance):
     if model_name == "seed":
         model = SeedVQVAETrainer(variance, args.K, args.D, args.beta, args.image_size)
     else:
+        quantizer = "loss" if model_name == LOSS_QUANTIZER else args.quantizer
         model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
-                            pixel_range=(-args.shift, 1.0 - args.shift))
+                            pixel_range=(-args.shift, 1.0 - args.shift), quantizer=quantizer,
+                            ema_decay=args.ema_decay, restart_threshold=args.restart_threshold)
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
     return model
 
@@ -279,8 +296,8 @@ def quality(model_name, setting, data_dir, budget_seconds):
     stop = StopAfter(budget_seconds)
     model.fit(splits.shuffled_train(args.seed), epochs=UNLIMITED, shuffle=False,
               callbacks=[stop], verbose=0)
-    metrics = driver.reconstruction_metrics(reconstructor(model), splits.scaled("validate"),
-                                            args.shift)
+    metrics = evaluation.reconstruction_metrics(*evaluation.reconstructions(
+        reconstructor(model), splits.scaled("validate"), args.shift))
     return {"ssim": metrics["test_ssim"], "psnr": metrics["test_psnr"], "steps": stop.steps}
 
 
@@ -311,6 +328,8 @@ def all_jobs(args):
             for model_name in MODELS:
                 yield dict(kind=kind, setting=setting, model=model_name,
                            seconds=args.timed_seconds)
+    for setting in SETTINGS:
+        yield dict(kind="vqvae", setting=setting, model=LOSS_QUANTIZER, seconds=args.timed_seconds)
     for model_name in MODELS:
         yield dict(kind="quality", setting="demo", model=model_name, data=str(args.data),
                    budget_seconds=args.budget_seconds)
@@ -333,6 +352,14 @@ def rows(results, budget_seconds):
             if (kind, setting, "seed") in results:
                 seed, ours = (results[kind, setting, m][key] for m in MODELS)
                 yield name, setting_label(setting), seed, ours, better, spec
+
+
+def quantizer_lines(results):
+    """Our VQ-VAE's speed with the EMA codebook (the default) against the loss codebook."""
+    for setting in SETTINGS:
+        ema, loss = (results["vqvae", setting, m]["per_second"] for m in ("ours", LOSS_QUANTIZER))
+        yield (f"VQ-VAE training images/s, {setting_label(setting)}: EMA quantizer {ema:.1f}, "
+               f"loss quantizer {loss:.1f}, EMA/loss {ema / loss:.2f}")
 
 
 def setting_label(setting):
@@ -366,7 +393,8 @@ def cpu_name():
 def machine_line():
     return (f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()} "
             f"{platform.release()}, GPUs: {len(tf.config.list_physical_devices('GPU'))}, "
-            f"tensorflow {tf.__version__}, keras {keras.__version__}")
+            f"tensorflow {tf.__version__}, keras {keras.__version__}, "
+            f"matmul {matmul_gflops():.0f} GFLOP/s")
 
 
 def settings_lines():
@@ -419,6 +447,7 @@ def main():
                for job in all_jobs(args)}
     print(machine_line())
     print("\n".join(table_lines(list(rows(results, args.budget_seconds)), args.markdown)))
+    print("\n".join(quantizer_lines(results)))
     print("\n".join(settings_lines()))
     print(f"throughput: at least {args.timed_seconds:g} s of training after 1 warm-up step, on "
           "random batches in memory; quality: on the validation split of "
