@@ -12,6 +12,8 @@ appendix A.1) and restarts codes that fall out of use (Jukebox, Dhariwal et al. 
 commitment term of eq. 3 remains a loss.
 """
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import layers, ops
@@ -19,9 +21,10 @@ from keras import layers, ops
 PACKAGE = "brain_vqvae"
 
 # The seed's encoder: two stride-2 3x3 convolutions (32 then 64 filters), so the code grid is
-# the image downsampled by 4 in each direction.
-ENCODER_FILTERS = (32, 64)
-DOWNSAMPLING = 2 ** len(ENCODER_FILTERS)
+# the image downsampled by 4 in each direction (as the paper's 128x128 -> 32x32); a coarser
+# grid adds stride-2 convolutions of 64 filters.
+DOWNSAMPLING = 4
+FIRST_FILTERS, FILTERS = 32, 64
 # Residual 3x3 blocks after the strided convolutions (section 4.1 of the paper uses two).
 RESIDUAL_BLOCKS = 2
 # The commitment weight of the paper (section 3.2); driver.py's --beta defaults to the seed's.
@@ -266,29 +269,40 @@ def residual_block(x, filters, name):
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def build_encoder(embedding_dim):
-    """Image (B, H, W, 1) -> z_e (B, H/4, W/4, D); any H and W divisible by 4."""
+def downsampling_filters(downsampling):
+    """Filters of the encoder's stride-2 convolutions: (32, 64) for the seed's 4, one more
+    convolution of 64 per further halving."""
+    halvings = round(math.log2(downsampling))
+    if downsampling < 2 or 2**halvings != downsampling:
+        raise ValueError(f"downsampling must be a power of 2 >= 2, got {downsampling}")
+    return (FIRST_FILTERS, *[FILTERS] * (halvings - 1))
+
+
+def build_encoder(embedding_dim, downsampling):
+    """Image (B, H, W, 1) -> z_e (B, H/s, W/s, D), s = downsampling; H and W divisible by s."""
     images = keras.Input(shape=(None, None, 1), name="images")
     x = images
-    for i, filters in enumerate(ENCODER_FILTERS):
+    strided = downsampling_filters(downsampling)
+    for i, filters in enumerate(strided):
         x = layers.Conv2D(filters, 3, strides=2, padding="same", name=f"down{i + 1}")(x)
-        if i < len(ENCODER_FILTERS) - 1:
+        if i < len(strided) - 1:
             x = layers.ReLU(name=f"down{i + 1}_relu")(x)
     for i in range(RESIDUAL_BLOCKS):
-        x = residual_block(x, ENCODER_FILTERS[-1], name=f"res{i + 1}")
+        x = residual_block(x, strided[-1], name=f"res{i + 1}")
     x = layers.ReLU(name="out_relu")(x)
     z_e = layers.Conv2D(embedding_dim, 1, name="to_latent")(x)
     return keras.Model(images, z_e, name="encoder")
 
 
-def build_decoder(embedding_dim, pixel_range):
-    """z_q (B, h, w, D) -> image (B, 4h, 4w, 1) in pixel_range; mirrors the encoder with
-    transposed convs."""
+def build_decoder(embedding_dim, pixel_range, downsampling):
+    """z_q (B, h, w, D) -> image (B, s*h, s*w, 1) in pixel_range, s = downsampling; mirrors the
+    encoder with transposed convs."""
     latents = keras.Input(shape=(None, None, embedding_dim), name="latents")
-    x = layers.Conv2D(ENCODER_FILTERS[-1], 3, padding="same", name="from_latent")(latents)
+    strided = downsampling_filters(downsampling)
+    x = layers.Conv2D(strided[-1], 3, padding="same", name="from_latent")(latents)
     for i in range(RESIDUAL_BLOCKS):
-        x = residual_block(x, ENCODER_FILTERS[-1], name=f"res{i + 1}")
-    for i, filters in enumerate(reversed(ENCODER_FILTERS)):
+        x = residual_block(x, strided[-1], name=f"res{i + 1}")
+    for i, filters in enumerate(reversed(strided)):
         x = layers.ReLU(name=f"up{i + 1}_relu")(x)
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", name=f"up{i + 1}")(x)
     x = layers.ReLU(name="out_relu")(x)
@@ -306,6 +320,8 @@ class VQVAE(keras.Model):
         num_embeddings: K, the codebook size.
         embedding_dim: D, the size of each code vector.
         pixel_range: (low, high) of the scaled pixels; reconstructions are clipped to it.
+        downsampling: the code grid is the image / downsampling in each direction (a power of 2;
+            the paper's and the seed's 4 by default).
         beta: commitment weight of eq. 3 (the paper's 0.25 by default).
         data_variance: pixel variance of the training split; the reconstruction MSE is divided by
             it so the loss scale does not depend on the intensity range (as in the paper's code).
@@ -316,13 +332,14 @@ class VQVAE(keras.Model):
         restart_threshold: EMA count below which a code is restarted (quantizer="ema" only).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, pixel_range, beta=PAPER_BETA,
-                 data_variance=1.0, quantizer="loss", ema_decay=PAPER_EMA_DECAY,
+    def __init__(self, num_embeddings, embedding_dim, *, pixel_range, downsampling=DOWNSAMPLING,
+                 beta=PAPER_BETA, data_variance=1.0, quantizer="loss", ema_decay=PAPER_EMA_DECAY,
                  restart_threshold=RESTART_THRESHOLD, **kwargs):
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         super().__init__(**kwargs)
         self.pixel_range = tuple(pixel_range)
+        self.downsampling = downsampling
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = beta
@@ -330,7 +347,7 @@ class VQVAE(keras.Model):
         self.quantizer_kind = quantizer
         self.ema_decay = ema_decay
         self.restart_threshold = restart_threshold
-        self.encoder = build_encoder(embedding_dim)
+        self.encoder = build_encoder(embedding_dim, downsampling)
         # float32 even under mixed precision: nearest-code distances need the precision
         if quantizer == "ema":
             self.quantizer = EMAVectorQuantizer(
@@ -341,7 +358,7 @@ class VQVAE(keras.Model):
             self.quantizer = VectorQuantizer(
                 num_embeddings, embedding_dim, beta, dtype="float32", name="quantizer"
             )
-        self.decoder = build_decoder(embedding_dim, self.pixel_range)
+        self.decoder = build_decoder(embedding_dim, self.pixel_range, downsampling)
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
@@ -351,11 +368,11 @@ class VQVAE(keras.Model):
         return self.decoder(self.quantizer(z_e, training=training))
 
     def encode_to_indices(self, images):
-        """Images (B, H, W, 1) -> code maps (B, H/4, W/4) of integers in [0, K)."""
+        """Images (B, H, W, 1) -> code maps (B, H/s, W/s) of integers in [0, K), s = downsampling."""
         return self.quantizer.code_indices(self.encoder(images))
 
     def decode_indices(self, indices):
-        """Code maps (B, h, w) -> images (B, 4h, 4w, 1)."""
+        """Code maps (B, h, w) -> images (B, s*h, s*w, 1)."""
         return self.decoder(self.quantizer.lookup(indices))
 
     @property
@@ -400,6 +417,7 @@ class VQVAE(keras.Model):
             "beta": self.beta,
             "data_variance": self.data_variance,
             "pixel_range": self.pixel_range,
+            "downsampling": self.downsampling,
             "quantizer": self.quantizer_kind,
             "ema_decay": self.ema_decay,
             "restart_threshold": self.restart_threshold,

@@ -209,7 +209,8 @@ def compiled_vqvae(model_name, args, variance):
     else:
         quantizer = "loss" if model_name == LOSS_QUANTIZER else args.quantizer
         model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
-                            pixel_range=(-args.shift, 1.0 - args.shift), quantizer=quantizer,
+                            pixel_range=(-args.shift, 1.0 - args.shift),
+                            downsampling=args.downsample, quantizer=quantizer,
                             ema_decay=args.ema_decay, restart_threshold=args.restart_threshold)
     model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
     return model
@@ -221,7 +222,7 @@ def reconstructor(model):
 
 
 def compiled_prior(model_name, args):
-    grid = args.image_size // vqvae.DOWNSAMPLING
+    grid = args.image_size // args.downsample
     if model_name == "seed":
         prior = seed_pixelcnn(args.K, grid)
     else:
@@ -245,7 +246,7 @@ def vqvae_job(model_name, args, rng):
 
 
 def pixelcnn_job(model_name, args, rng):
-    grid = args.image_size // vqvae.DOWNSAMPLING
+    grid = args.image_size // args.downsample
     codes = rng.integers(0, args.K, (DATA_BATCHES, args.batch_size, grid, grid), dtype="int32")
     return compiled_prior(model_name, args), cycled((codes, codes))
 

@@ -79,13 +79,21 @@ def test_vq_loss_gradients_flow_as_in_eq3():
                                rtol=1e-4, atol=1e-7)
 
 
-def test_vqvae_shapes_and_codes():
-    model = vqvae.VQVAE(num_embeddings=8, embedding_dim=2, pixel_range=PIXEL_RANGE)
-    images = np.zeros((2, 32, 32, 1), "float32")
-    assert model(images).shape == (2, 32, 32, 1)
+@pytest.mark.parametrize("downsampling", [vqvae.DOWNSAMPLING, 8, 16])
+def test_vqvae_shapes_and_codes(downsampling):
+    model = vqvae.VQVAE(num_embeddings=8, embedding_dim=2, pixel_range=PIXEL_RANGE,
+                        downsampling=downsampling)
+    images = np.zeros((2, 32, 64, 1), "float32")
+    assert model(images).shape == (2, 32, 64, 1)
     codes = model.encode_to_indices(images)
-    assert codes.shape == (2, 32 // vqvae.DOWNSAMPLING, 32 // vqvae.DOWNSAMPLING)
-    assert model.decode_indices(codes).shape == (2, 32, 32, 1)
+    assert codes.shape == (2, 32 // downsampling, 64 // downsampling)
+    assert model.decode_indices(codes).shape == (2, 32, 64, 1)
+
+
+def test_downsampling_must_be_a_power_of_two():
+    assert vqvae.downsampling_filters(vqvae.DOWNSAMPLING) == (32, 64)  # the seed's encoder
+    with pytest.raises(ValueError, match="power of 2"):
+        vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=6)
 
 
 def test_training_reduces_loss():
@@ -104,14 +112,16 @@ def test_training_reduces_loss():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = vqvae.VQVAE(8, 3, beta=0.7, data_variance=0.05, pixel_range=(-0.25, 0.75))
+    model = vqvae.VQVAE(8, 3, beta=0.7, data_variance=0.05, pixel_range=(-0.25, 0.75),
+                        downsampling=8)
     images = np.random.default_rng(0).uniform(-0.5, 0.5, size=(2, 16, 16, 1)).astype("float32")
     model(images)
     model.save(tmp_path / "vqvae.keras")
     loaded = keras.models.load_model(tmp_path / "vqvae.keras", safe_mode=True)
     np.testing.assert_array_equal(model(images).numpy(), loaded(images).numpy())
     np.testing.assert_array_equal(model.encode_to_indices(images), loaded.encode_to_indices(images))
-    assert (loaded.beta, loaded.data_variance, loaded.pixel_range) == (0.7, 0.05, (-0.25, 0.75))
+    assert (loaded.beta, loaded.data_variance, loaded.pixel_range, loaded.downsampling) == (
+        0.7, 0.05, (-0.25, 0.75), 8)
 
 
 def test_reconstructions_are_clipped_with_a_straight_through_gradient():
