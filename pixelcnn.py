@@ -8,6 +8,9 @@ architectures share one interface, integer code maps (B, h, w) -> logits (B, h, 
   as in the seed and the keras.io example;
 - "gated": the paper's gated PixelCNN, with a vertical and a horizontal stack (no blind spot),
   gated tanh x sigmoid units, residual and skip connections.
+
+Either may dilate its blocks' masked convolutions in cycles 1, 2, 4, .. (as WaveNet does), so that
+a few blocks see a whole code map.
 """
 
 import collections
@@ -50,17 +53,22 @@ class MaskedConv2D(layers.Layer):
         filters: output channels.
         kernel_size: int or (height, width).
         mask_type: "A", "B" or "V" (see `causal_mask`).
+        dilation_rate: spacing of the kernel's taps, in rows and columns; a dilated tap is still
+            above, or left of, its output, so the mask keeps its meaning.
     """
 
-    def __init__(self, filters, kernel_size, mask_type, **kwargs):
+    def __init__(self, filters, kernel_size, mask_type, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
         if mask_type not in ("A", "B", "V"):
             raise ValueError(f"mask_type must be 'A', 'B' or 'V', got {mask_type!r}")
+        if dilation_rate < 1:
+            raise ValueError(f"dilation_rate must be at least 1, got {dilation_rate!r}")
         self.filters = filters
         self.kernel_size = (
             (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         )
         self.mask_type = mask_type
+        self.dilation_rate = dilation_rate
 
     def build(self, input_shape):
         self.kernel = self.add_weight(
@@ -76,14 +84,20 @@ class MaskedConv2D(layers.Layer):
         # convolving with the taps that remain, on an input padded as "same" padding would pad it
         # but only where those taps reach, gives the same output for up to half the work.
         mask = ops.cast(self.mask, self.compute_dtype)
-        kernel = (self.kernel * mask)[: self.rows_above + 1, : self.used_columns]
+        kernel = (self.kernel * mask)[: self.used_rows, : self.used_columns]
         padding = [[0, 0], [self.rows_above, 0], [self.columns_left, self.columns_right], [0, 0]]
-        return ops.conv(ops.pad(x, padding), kernel, padding="valid") + self.bias
+        return ops.conv(ops.pad(x, padding), kernel, padding="valid",
+                        dilation_rate=self.dilation_rate) + self.bias
+
+    @property
+    def used_rows(self):
+        """Kernel rows with an unmasked tap: those above the centre, and the centre."""
+        return self.kernel_size[0] // 2 + 1
 
     @property
     def rows_above(self):
         """How many rows above its output this layer reads."""
-        return self.kernel_size[0] // 2
+        return (self.used_rows - 1) * self.dilation_rate
 
     @property
     def used_columns(self):
@@ -94,17 +108,18 @@ class MaskedConv2D(layers.Layer):
     @property
     def columns_left(self):
         """How many columns left of its output this layer reads."""
-        return self.kernel_size[1] // 2
+        return self.kernel_size[1] // 2 * self.dilation_rate
 
     @property
     def columns_right(self):
         """How many columns right of its output this layer reads."""
-        return self.used_columns - 1 - self.columns_left
+        return (self.used_columns - 1 - self.kernel_size[1] // 2) * self.dilation_rate
 
     def get_config(self):
         config = super().get_config()
         config.update(
-            filters=self.filters, kernel_size=list(self.kernel_size), mask_type=self.mask_type
+            filters=self.filters, kernel_size=list(self.kernel_size), mask_type=self.mask_type,
+            dilation_rate=self.dilation_rate,
         )
         return config
 
@@ -130,29 +145,40 @@ class GatedActivation(layers.Layer):
         return ops.tanh(features) * ops.sigmoid(gates)
 
 
-def plain_residual_block(x, filters, name):
+def block_dilations(residual_blocks, dilation_cycle):
+    """Dilation of each block after the first masked layer: 1, 2, 4, .. 2 ** (dilation_cycle - 1),
+    then 1 again (WaveNet's cycle), so that the reach grows exponentially with depth. A block's
+    dilation never exceeds the columns its input already reads (3 + 1 + 2 + ..), so the reach
+    has no gaps."""
+    return [2 ** (block % dilation_cycle) for block in range(residual_blocks)]
+
+
+def plain_residual_block(x, filters, dilation, name):
     """1x1 conv to filters/2, masked 3x3 conv (mask B), 1x1 back to filters, added to x."""
     h = layers.Conv2D(filters // 2, 1, activation="relu", name=f"{name}_conv1")(x)
-    h = MaskedConv2D(filters // 2, BLOCK_KERNEL, "B", name=f"{name}_pixel_conv")(h)
+    h = MaskedConv2D(filters // 2, BLOCK_KERNEL, "B", dilation, name=f"{name}_pixel_conv")(h)
     h = layers.ReLU(name=f"{name}_relu")(h)
     h = layers.Conv2D(filters, 1, activation="relu", name=f"{name}_conv2")(h)
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def plain_stack(embedded, filters, residual_blocks):
+def plain_stack(embedded, filters, residual_blocks, dilation_cycle):
     x = MaskedConv2D(filters, FIRST_KERNEL, "A", name="pixel_conv_a")(embedded)
     x = layers.ReLU(name="pixel_conv_a_relu")(x)
-    for i in range(residual_blocks):
-        x = plain_residual_block(x, filters, name=f"res{i + 1}")
+    for i, dilation in enumerate(block_dilations(residual_blocks, dilation_cycle)):
+        x = plain_residual_block(x, filters, dilation, name=f"res{i + 1}")
     return x
 
 
-def gated_kernels(residual_blocks):
-    """Kernel size of each gated layer: the first 7x7, the blocks after it 3x3."""
-    return [FIRST_KERNEL] + [BLOCK_KERNEL] * residual_blocks
+def gated_layers(residual_blocks, dilation_cycle):
+    """(kernel size, dilation) of each gated layer: the first 7x7, the blocks after it 3x3 and
+    dilated."""
+    return [(FIRST_KERNEL, 1)] + [
+        (BLOCK_KERNEL, dilation) for dilation in block_dilations(residual_blocks, dilation_cycle)
+    ]
 
 
-def vertical_stack(filters, residual_blocks):
+def vertical_stack(filters, residual_blocks, dilation_cycle):
     """The gated PixelCNN's vertical stack (fig. 2 of the paper): embedded codes -> one map per
     gated layer, added into the horizontal stack, whose row i describes only the rows above i.
 
@@ -160,9 +186,9 @@ def vertical_stack(filters, residual_blocks):
     """
     embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
     vertical, links = embedded, []
-    for layer, kernel in enumerate(gated_kernels(residual_blocks)):
+    for layer, (kernel, dilation) in enumerate(gated_layers(residual_blocks, dilation_cycle)):
         name = f"gated{layer}"
-        pre = MaskedConv2D(2 * filters, kernel, "V", name=f"{name}_vertical")(vertical)
+        pre = MaskedConv2D(2 * filters, kernel, "V", dilation, name=f"{name}_vertical")(vertical)
         shifted = ShiftDown(name=f"{name}_shift")(pre)  # row i now sees rows < i only
         links.append(layers.Conv2D(2 * filters, 1, name=f"{name}_v_to_h")(shifted))
         if layer < residual_blocks:  # the last layer's vertical output would feed nothing
@@ -170,7 +196,7 @@ def vertical_stack(filters, residual_blocks):
     return keras.Model(embedded, links, name="vertical_stack")
 
 
-def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers):
+def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, dilation_cycle):
     """The horizontal stack and the output layers: the embedded codes and the vertical stack's
     maps -> logits (B, h, w, K). A position reads only its own row, at and left of itself
     (its own code never: the first layer's mask is A), plus the vertical maps.
@@ -183,10 +209,12 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers):
     links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
              for layer in range(residual_blocks + 1)]
     horizontal, skips = embedded, []
-    for layer, (kernel, link) in enumerate(zip(gated_kernels(residual_blocks), links)):
+    for layer, ((kernel, dilation), link) in enumerate(
+        zip(gated_layers(residual_blocks, dilation_cycle), links)
+    ):
         name = f"gated{layer}"
         pre = MaskedConv2D(
-            2 * filters, (1, kernel), "B" if layer else "A", name=f"{name}_horizontal"
+            2 * filters, (1, kernel), "B" if layer else "A", dilation, name=f"{name}_horizontal"
         )(horizontal)
         gated = GatedActivation(name=f"{name}_horizontal_gate")(
             layers.Add(name=f"{name}_link")([pre, link])
@@ -213,7 +241,8 @@ def output_head(x, num_embeddings, filters, output_layers):
 KINDS = ("gated", "plain")
 
 
-def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind):
+def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind,
+                   dilation_cycle):
     """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K). driver.py's flags hold the
     defaults.
 
@@ -223,22 +252,28 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         residual_blocks: residual (plain) or gated (gated) blocks after the first masked layer.
         output_layers: 1x1 ReLU layers between the stack and the logits.
         kind: "plain" or "gated".
+        dilation_cycle: block i's masked convolutions are dilated by 2 ** (i % dilation_cycle),
+            so that the reach grows exponentially with the blocks, not linearly (see
+            `block_dilations`); 1 dilates nothing.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if dilation_cycle < 1:
+        raise ValueError(f"dilation_cycle must be at least 1, got {dilation_cycle!r}")
     codes = keras.Input(shape=(None, None), dtype="int32", name="codes")
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
     # one-hot tensor.
     embedded = layers.Embedding(num_embeddings, filters, name="embedding")(codes)
     if kind == "gated":
-        links = keras.tree.flatten(vertical_stack(filters, residual_blocks)(embedded))
-        logits = horizontal_stack(num_embeddings, filters, residual_blocks, output_layers)(
-            [embedded, *links]
-        )
+        vertical = vertical_stack(filters, residual_blocks, dilation_cycle)
+        links = keras.tree.flatten(vertical(embedded))
+        logits = horizontal_stack(
+            num_embeddings, filters, residual_blocks, output_layers, dilation_cycle
+        )([embedded, *links])
     else:
         logits = output_head(
-            plain_stack(embedded, filters, residual_blocks), num_embeddings, filters,
-            output_layers,
+            plain_stack(embedded, filters, residual_blocks, dilation_cycle), num_embeddings,
+            filters, output_layers,
         )
     return keras.Model(codes, logits, name=f"{kind}_pixelcnn")
 
@@ -405,16 +440,18 @@ def code_sampler(prior, grid_shape):
     return sample
 
 
-def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0):
+def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0, num_codes=None):
     """The reference sampler: one `predict` on the whole map per code, as in the seed.
 
     Draws the same codes as `sample_codes` for the same seed; kept to test and benchmark it.
+    `num_codes` draws only the first codes in raster order and leaves the rest 0, so that a
+    benchmark can time a few and extrapolate (default: all).
     """
     height, width = grid_shape
     codes = np.zeros((num_samples, height, width), dtype="int32")
-    for row in range(height):
-        for col in range(width):
-            logits = prior.predict(codes, verbose=0)[:, row, col]
-            step = tf.constant(row * width + col, tf.int32)
-            codes[:, row, col] = draw_codes(logits, temperature, tf.constant(seed), step)
+    for step in range(height * width if num_codes is None else num_codes):
+        row, col = divmod(step, width)
+        logits = prior.predict(codes, verbose=0)[:, row, col]
+        codes[:, row, col] = draw_codes(logits, temperature, tf.constant(seed),
+                                        tf.constant(step, tf.int32))
     return tf.constant(codes)

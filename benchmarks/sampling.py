@@ -1,8 +1,10 @@
 """Times the naive sampler (one `predict` on the whole map per code, as in the seed) against
-`pixelcnn.sample_codes` on the same trained prior, and checks that both draw the same codes.
+`pixelcnn.sample_codes` on the same prior, and checks that both draw the same codes.
 
     python driver.py --demo                 # trains and saves checkpoints/pixelcnn.keras
     python benchmarks/sampling.py           # then this; ends with one line "speedup: N.Nx"
+    python benchmarks/sampling.py --random-prior 512 64 8 4 --grid 32 --naive-codes 64
+                                            # an untrained dilated gated prior at 256x256's grid
 """
 
 import argparse
@@ -16,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import driver  # noqa: E402
@@ -27,11 +30,38 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/pixelcnn.keras"),
                         help="trained prior (default: %(default)s, from python driver.py --demo)")
+    parser.add_argument("--random-prior", type=int, nargs=4,
+                        metavar=("K", "FILTERS", "BLOCKS", "CYCLE"),
+                        help="time a gated prior with random weights instead of --checkpoint: K "
+                             "codes, FILTERS channels, BLOCKS gated blocks dilated by "
+                             "2 ** (block %% CYCLE), driver.py's default output layers "
+                             "(default: off)")
     parser.add_argument("--batch", type=int, default=16, help="maps sampled at once (default: 16)")
     parser.add_argument("--grid", type=int, default=driver.DEMO_DEFAULTS["image_size"]
                         // vqvae.DOWNSAMPLING, help="code map height and width (default: demo's)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--naive-codes", type=driver.positive_int,
+                        help="time the naive sampler on only the first this many codes of each "
+                             "map and extrapolate to the whole map: it costs the same per code "
+                             "(default: all codes)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed, and the random prior's (default: 0)")
     return parser.parse_args()
+
+
+def load_prior(args):
+    """(prior, description): the --random-prior or the --checkpoint."""
+    if args.random_prior:
+        num_embeddings, filters, blocks, cycle = args.random_prior
+        keras.utils.set_random_seed(args.seed)
+        output_layers = driver.build_parser().get_default("pcnn_layers")
+        prior = pixelcnn.build_pixelcnn(num_embeddings, filters, blocks, output_layers, "gated",
+                                        dilation_cycle=cycle)
+        return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
+                       f"dilation cycle {cycle}")
+    if not args.checkpoint.exists():
+        sys.exit(f"sampling.py: error: no prior at {args.checkpoint}; run python driver.py --demo "
+                 "first, or pass --checkpoint or --random-prior")
+    return keras.models.load_model(args.checkpoint, safe_mode=True), str(args.checkpoint)
 
 
 def timed(sample, *args):
@@ -42,28 +72,33 @@ def timed(sample, *args):
 
 def main():
     args = parse_args()
-    if not args.checkpoint.exists():
-        sys.exit(f"sampling.py: error: no prior at {args.checkpoint}; run python driver.py --demo "
-                 "first or pass --checkpoint")
-    prior = keras.models.load_model(args.checkpoint, safe_mode=True)
+    prior, description = load_prior(args)
     grid = (args.grid, args.grid)
+    codes_per_map = args.grid * args.grid
+    naive_codes = min(args.naive_codes or codes_per_map, codes_per_map)
     sampler = pixelcnn.code_sampler(prior, grid)
-    # the first call compiles the sampler's graph: timed apart from sampling itself
+    # the first call compiles the sampler's graph, the first predict traces the prior: both
+    # timed apart from sampling itself
     _, first_call_seconds = timed(sampler, args.batch, 1.0, args.seed + 1)
     fast, fast_seconds = timed(sampler, args.batch, 1.0, args.seed)
+    prior.predict(np.zeros((args.batch, *grid), "int32"), verbose=0)
     naive, naive_seconds = timed(pixelcnn.sample_codes_naive, prior, args.batch, grid, 1.0,
-                                 args.seed)
-    same = float((fast == naive).mean())
+                                 args.seed, naive_codes)
+    naive_seconds *= codes_per_map / naive_codes
+    # (B, h, w) -> (B, h*w): the raster order in which the naive sampler drew its codes
+    drawn = (fast.reshape(args.batch, -1) == naive.reshape(args.batch, -1))[:, :naive_codes]
     print(f"machine: {os.cpu_count()} CPU cores, {platform.machine()}, "
           f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, tensorflow {tf.__version__}")
-    print(f"prior: {args.checkpoint} ({prior.name}, {prior.count_params():,} parameters), "
-          f"{args.batch} maps of {args.grid}x{args.grid}")
-    print(f"{'sampler':<28} {'seconds':>9} {'codes/s':>10}")
-    codes = args.batch * args.grid * args.grid
-    for name, seconds in (("naive", naive_seconds), ("fast", fast_seconds),
+    print(f"prior: {description} ({prior.name}, {prior.count_params():,} parameters, "
+          f"{pixelcnn.receptive_field(prior)}), {args.batch} maps of {args.grid}x{args.grid}")
+    naive_name = ("naive" if naive_codes == codes_per_map
+                  else f"naive (first {naive_codes} codes, extrapolated)")
+    print(f"{'sampler':<40} {'seconds':>9} {'codes/s':>10}")
+    codes = args.batch * codes_per_map
+    for name, seconds in ((naive_name, naive_seconds), ("fast", fast_seconds),
                           ("fast, first call (compiles)", first_call_seconds)):
-        print(f"{name:<28} {seconds:9.1f} {codes / seconds:10.0f}")
-    print(f"identical codes: {same:.4f} of {codes}")
+        print(f"{name:<40} {seconds:9.1f} {codes / seconds:10.0f}")
+    print(f"identical codes: {drawn.mean():.4f} of the {drawn.size} the naive sampler drew")
     print(f"speedup: {naive_seconds / fast_seconds:.1f}x")
 
 

@@ -10,11 +10,15 @@ import pixelcnn
 KINDS = pixelcnn.KINDS
 K = 6
 GRID = (6, 7)
+# (kind, dilation_cycle) of two-block priors: undilated, as before dilation existed, and dilated
+# by 1 then 2
+PRIORS = [(kind, cycle) for cycle in (1, 2) for kind in KINDS]
 
 
-def random_prior(kind, seed=0):
+def random_prior(kind, seed=0, residual_blocks=2, dilation_cycle=1):
     keras.utils.set_random_seed(seed)
-    prior = pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=2, output_layers=1, kind=kind)
+    prior = pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=residual_blocks,
+                                    output_layers=1, kind=kind, dilation_cycle=dilation_cycle)
     # random biases too, so that no layer's output is trivially zero
     for weight in prior.weights:
         if "bias" in weight.path:
@@ -29,20 +33,22 @@ def test_causal_masks():
     np.testing.assert_array_equal(pixelcnn.causal_mask(1, 3, "A"), [[1, 0, 0]])
 
 
+@pytest.mark.parametrize("dilation", [1, 2, 3])
 @pytest.mark.parametrize("kernel_size, mask_type",
                          [(7, "A"), (3, "B"), (3, "V"), ((1, 7), "A"), ((1, 3), "B")])
-def test_masked_conv_is_a_same_padded_conv_with_the_masked_kernel(kernel_size, mask_type):
+def test_masked_conv_is_a_same_padded_conv_with_the_masked_kernel(kernel_size, mask_type,
+                                                                  dilation):
     """It skips the masked-out rows and columns; the result must not change."""
-    conv = pixelcnn.MaskedConv2D(4, kernel_size, mask_type)
+    conv = pixelcnn.MaskedConv2D(4, kernel_size, mask_type, dilation_rate=dilation)
     x = np.random.default_rng(0).normal(size=(2, 9, 10, 3)).astype("float32")
     y = conv(x).numpy()
-    reference = tf.nn.conv2d(x, conv.kernel * conv.mask, 1, "SAME") + conv.bias
+    reference = tf.nn.conv2d(x, conv.kernel * conv.mask, 1, "SAME", dilations=dilation) + conv.bias
     np.testing.assert_allclose(y, reference.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_logits_never_depend_on_the_same_or_later_codes(kind):
-    prior = random_prior(kind)
+@pytest.mark.parametrize("kind, dilation_cycle", PRIORS)
+def test_logits_never_depend_on_the_same_or_later_codes(kind, dilation_cycle):
+    prior = random_prior(kind, dilation_cycle=dilation_cycle)
     rng = np.random.default_rng(1)
     codes = rng.integers(0, K, size=(1, *GRID))
     base = prior(codes).numpy()[0]
@@ -72,6 +78,29 @@ def test_gated_prior_has_no_blind_spot():
     assert np.abs(prior(codes).numpy()[0, 4, 1] - base).max() > 1e-6
 
 
+@pytest.fixture
+def float64():
+    """Through a deep random stack a far code's effect falls below float32's resolution; tests of
+    a deep prior's reach build it in float64."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")  # the inputs' dtype
+    keras.config.set_dtype_policy("float64")  # the layers'
+    yield
+    keras.config.set_floatx(floatx)
+    keras.config.set_dtype_policy(policy)
+
+
+def moved(outputs, base):
+    """Where outputs (..., C) differ from base by more than rounding: (...)."""
+    return np.abs(outputs - base).max(axis=-1) > 8 * np.finfo(outputs.dtype).eps
+
+
+def before_the_head(horizontal):
+    """The horizontal stack without its output head, which is pointwise (it moves where its input
+    moves) and ends in float32 logits that would round a far code's effect away."""
+    return keras.Model(horizontal.inputs, horizontal.get_layer("skips").output)
+
+
 def reach_of_one_code(model, inputs_for, reach):
     """Positions of the output that change with the code at (1, columns_right + 2), and that
     position, on a map large enough for the bound `reach`."""
@@ -80,16 +109,16 @@ def reach_of_one_code(model, inputs_for, reach):
     codes = np.random.default_rng(2).integers(0, K, size=(1, height, width))
     changed = codes.copy()
     changed[0, row, col] = (codes[0, row, col] + 1) % K
-    difference = np.abs(model(inputs_for(changed)).numpy() - model(inputs_for(codes)).numpy())
-    rows, cols = np.nonzero(difference.max(axis=(0, 3)) > 1e-6)
+    rows, cols = np.nonzero(moved(model(inputs_for(changed)).numpy(),
+                                  model(inputs_for(codes)).numpy())[0])
     return rows, cols, row, col
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_receptive_field_bounds_what_a_code_changes(kind):
+@pytest.mark.parametrize("kind, dilation_cycle", PRIORS)
+def test_receptive_field_bounds_what_a_code_changes(kind, dilation_cycle):
     """A code changes only logits whose receptive field holds it; rows and the plain prior's
     columns exactly."""
-    prior = random_prior(kind)
+    prior = random_prior(kind, dilation_cycle=dilation_cycle)
     reach = pixelcnn.receptive_field(prior)
     rows, cols, row, col = reach_of_one_code(prior, lambda codes: codes, reach)
     assert rows.max() == row + reach.rows_above
@@ -99,12 +128,18 @@ def test_receptive_field_bounds_what_a_code_changes(kind):
         assert cols[rows > row].max() == col + reach.columns_left
 
 
-def test_gated_stacks_have_exact_receptive_fields():
-    """The sampler windows each stack by its own receptive field."""
-    prior = random_prior("gated")
+@pytest.mark.parametrize("residual_blocks, dilation_cycle, rows_above, columns_left",
+                         [(2, 1, 3 + 2 + 1, 3 + 2), (2, 2, 3 + 3 + 1, 3 + 3),
+                          (8, 4, 3 + 30 + 1, 3 + 30)])
+def test_gated_stacks_have_exact_receptive_fields(residual_blocks, dilation_cycle, rows_above,
+                                                  columns_left, float64):
+    """The sampler windows each stack by its own receptive field: the first layer's 3 rows and
+    columns, plus each block's dilation, plus the vertical stack's shift by one row."""
+    prior = random_prior("gated", residual_blocks=residual_blocks, dilation_cycle=dilation_cycle)
     embedding = prior.get_layer("embedding")
     vertical = prior.get_layer("vertical_stack")
     reach = pixelcnn.receptive_field(vertical)
+    assert reach == (rows_above, columns_left, columns_left)
     rows, cols, row, col = reach_of_one_code(
         lambda x: keras.ops.concatenate(keras.tree.flatten(vertical(x)), axis=-1),
         embedding, reach)
@@ -114,17 +149,40 @@ def test_gated_stacks_have_exact_receptive_fields():
 
     horizontal = prior.get_layer("horizontal_stack")
     reach = pixelcnn.receptive_field(horizontal)
-    no_vertical = lambda codes: [tf.zeros((*codes.shape, link.shape[-1]))  # noqa: E731
+    assert reach == (0, columns_left, 0)
+    no_vertical = lambda codes: [tf.zeros((*codes.shape, link.shape[-1]), link.dtype)  # noqa: E731
                                  for link in horizontal.inputs[1:]]
     rows, cols, row, col = reach_of_one_code(
-        lambda codes: horizontal([embedding(codes), *no_vertical(codes)]), lambda c: c, reach)
-    assert set(rows) == {row} and reach.rows_above == 0 and reach.columns_right == 0
+        lambda codes: before_the_head(horizontal)([embedding(codes), *no_vertical(codes)]),
+        lambda c: c, reach)
+    assert set(rows) == {row}
     assert (cols.min(), cols.max()) == (col + 1, col + reach.columns_left)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_fast_sampler_draws_what_the_naive_loop_draws(kind):
-    prior = random_prior(kind)
+def test_dilated_gated_prior_sees_the_whole_map(float64):
+    """With dilations 1, 2, 4, 8, 1, 2, 4, 8 each code of a 32x32 map sees every code before it
+    (the code at (0, 0) moves all the others), and its whole row to the left, without gaps."""
+    prior = random_prior("gated", residual_blocks=8, dilation_cycle=4)
+    height, width = 32, 32
+    assert pixelcnn.receptive_field(prior.get_layer("vertical_stack")).rows_above >= height - 1
+    assert pixelcnn.receptive_field(prior.get_layer("horizontal_stack")).columns_left >= width - 1
+    embedding, vertical = prior.get_layer("embedding"), prior.get_layer("vertical_stack")
+    head_input = before_the_head(prior.get_layer("horizontal_stack"))
+    codes = np.random.default_rng(4).integers(0, K, size=(height, width))
+    changed = np.repeat(codes[None], height + 1, axis=0)  # map r: code (r, 0) changed; map h: none
+    changed[np.arange(height), np.arange(height), 0] = (codes[:, 0] + 1) % K
+    embedded = embedding(changed)
+    features = head_input([embedded, *keras.tree.flatten(vertical(embedded))]).numpy()
+    changes = moved(features[:height], features[height])  # (h, h, w)
+    position = np.arange(height * width).reshape(height, width)
+    np.testing.assert_array_equal(changes[0], position > 0)  # all codes after (0, 0)
+    assert changes[np.arange(height), np.arange(height), 1:].all()  # all of row r after (r, 0)
+    assert not (changes & (position <= position[:, :1, None])).any()  # none before
+
+
+@pytest.mark.parametrize("kind, dilation_cycle", PRIORS)
+def test_fast_sampler_draws_what_the_naive_loop_draws(kind, dilation_cycle):
+    prior = random_prior(kind, dilation_cycle=dilation_cycle)
     reach = pixelcnn.receptive_field(prior)
     # larger than the window in both directions
     grid = (reach.rows_above + 4, reach.columns_left + reach.columns_right + 4)
@@ -163,9 +221,9 @@ def test_draw_frequencies_match_the_softmax(temperature):
     np.testing.assert_allclose(frequencies, expected, atol=0.025)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_save_load_round_trip(kind, tmp_path):
-    prior = random_prior(kind)
+@pytest.mark.parametrize("kind, dilation_cycle", PRIORS)
+def test_save_load_round_trip(kind, dilation_cycle, tmp_path):
+    prior = random_prior(kind, dilation_cycle=dilation_cycle)
     codes = np.random.default_rng(3).integers(0, K, size=(2, *GRID))
     prior.save(tmp_path / "prior.keras")
     loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
@@ -185,6 +243,10 @@ def test_receptive_field_refuses_a_layer_it_cannot_measure():
         pixelcnn.code_sampler(keras.Model(codes, x), GRID)
 
 
-def test_build_refuses_an_unknown_kind():
+def test_build_refuses_an_unknown_kind_or_dilation():
     with pytest.raises(ValueError, match="gated"):
-        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gatd")
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gatd", dilation_cycle=1)
+    with pytest.raises(ValueError, match="dilation_cycle"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=0)
+    with pytest.raises(ValueError, match="dilation_rate"):
+        pixelcnn.MaskedConv2D(4, 3, "B", dilation_rate=0)
