@@ -7,8 +7,8 @@ Sample realism has two parts (see the README's evaluation section for what the v
 - a classifier two-sample test: a regularised logistic regression on fixed image features,
   cross-validated so that every image is scored once; 0.5 means it cannot tell the sets apart;
 - anatomy statistics (brain area, pieces, left-right symmetry, solidity, the dark midline
-  between the hemispheres, intensity inside the brain), each compared between the sets as a 1-D Wasserstein distance in units of the reference
-  set's spread.
+  between the hemispheres, intensity inside the brain), each compared between the sets as a 1-D
+  Wasserstein distance in units of the reference set's spread.
 """
 
 import math

@@ -368,7 +368,7 @@ class VQVAE(keras.Model):
         return self.decoder(self.quantizer(z_e, training=training))
 
     def encode_to_indices(self, images):
-        """Images (B, H, W, 1) -> code maps (B, H/s, W/s) of integers in [0, K), s = downsampling."""
+        """Images (B, H, W, 1) -> code maps (B, H/s, W/s) of codes in [0, K), s = downsampling."""
         return self.quantizer.code_indices(self.encoder(images))
 
     def decode_indices(self, indices):

@@ -227,7 +227,8 @@ def compiled_prior(model_name, args):
         prior = seed_pixelcnn(args.K, grid)
     else:
         prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
-                                        args.pcnn_layers, kind=args.pcnn_type)
+                                        args.pcnn_layers, kind=args.pcnn_type,
+                                        dilation_cycle=args.pcnn_dilation_cycle)
     prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return prior
