@@ -116,6 +116,18 @@ def codebook_metrics(counts):
     }
 
 
+def brain_code_positions(images, grid_shape):
+    """Which positions of the code grid cover some brain: (N, h, w) booleans from images
+    (N, H, W[, 1]) in [0, 1]. Most of a slice is background, which one or two codes carry, so
+    the codebook's use inside the brain is what says how many codes describe anatomy."""
+    images = as_gray(images)
+    count, height, width = images.shape
+    rows, columns = grid_shape
+    # (N, H, W) -> (N, h, H/h, w, W/w): the pixels each code stands for
+    patches = images.reshape(count, rows, height // rows, columns, width // columns)
+    return patches.max(axis=(2, 4)) > BRAIN_THRESHOLD
+
+
 def prior_nll_bits(prior, codes, batch_size):
     """Mean negative log-likelihood per code, in bits, of code maps under the prior."""
     total, count = 0.0, 0

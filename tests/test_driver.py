@@ -36,6 +36,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     expected = {f"{group}.{name}" for group, name in [
         ("samples", "c2st_accuracy"), ("samples", "c2st_stderr"), ("samples", "n_real"),
         ("samples", "n_samples"), ("samples", "c2st_vs_reconstructions"),
+        ("vqvae", "brain_codebook_perplexity"),
         ("vqvae", "c2st_reconstructions")]}
     expected |= {f"samples.{key}.{name}" for key in ("anatomy", "anatomy_vs_reconstructions")
                  for name in evaluation.ANATOMY}

@@ -44,6 +44,14 @@ def test_entropy_bits():
     assert evaluation.entropy_bits(np.array([7, 0])) == 0.0
 
 
+def test_brain_code_positions_are_the_patches_with_brain():
+    images = np.zeros((1, 8, 8), "float32")
+    images[0, 1, 6] = 0.8  # one bright pixel in the patch (0, 1) of a 2x2 grid of 4x4 patches
+    images[0, 5, 1] = 0.05  # below the brain threshold: background
+    positions = evaluation.brain_code_positions(images, (2, 2))
+    np.testing.assert_array_equal(positions, [[[False, True], [False, False]]])
+
+
 def constant_logits_prior(logits):
     codes = keras.Input(shape=(None, None), dtype="int32")
     silent = keras.layers.Embedding(len(logits), 1, embeddings_initializer="zeros")(codes)
