@@ -114,11 +114,16 @@ square_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_I
 power_of_two = checked(int, lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2")
 
 # Settings of --demo: small enough to finish on a 2-core CPU in minutes (see the README).
+# A 64x64 image keeps the seed's 16x16 code grid (downsampling 4).
 DEMO_DEFAULTS = dict(
-    image_size=64, epochs=40, batch_size=16, learning_rate=1e-3, K=128, D=16,
-    pcnn_epochs=40, pcnn_learning_rate=1e-3, pcnn_filters=64, pcnn_res_blocks=8,
-    num_samples=64,
+    image_size=64, downsample=vqvae.DOWNSAMPLING, epochs=40, batch_size=16, learning_rate=1e-3,
+    pcnn_epochs=40, pcnn_learning_rate=1e-3, num_samples=64,
 )
+# The defaults below were chosen on the demo slices at 256x256 (README, "What we tried"): a
+# 32x32 code grid (downsample 8), K=128 codes of D=16, an EMA codebook and 8 gated blocks dilated
+# (cycle 4) to see the whole map draw whole brains, where the seed's settings (downsample 4,
+# K=512, D=2, 2 blocks of 128 filters) draw blobs.
+OASIS_DOWNSAMPLE = 8
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices, drawn in minutes.
 DEFAULT_SAMPLES = 256
 
@@ -142,13 +147,13 @@ def build_parser():
                            "(default: %(default)s)")
 
     vq = parser.add_argument_group("VQ-VAE")
-    vq.add_argument("--K", type=positive_int, default=512,
+    vq.add_argument("--K", type=positive_int, default=128,
                     help="K, the number of codebook vectors (default: %(default)s)")
-    vq.add_argument("--D", type=positive_int, default=2,
+    vq.add_argument("--D", type=positive_int, default=16,
                     help="D, the size of each codebook vector (default: %(default)s)")
     vq.add_argument("--beta", type=non_negative_float, default=1.5,
                     help="beta, the commitment loss weight of eq. 3 (default: %(default)s)")
-    vq.add_argument("--downsample", type=power_of_two, default=vqvae.DOWNSAMPLING,
+    vq.add_argument("--downsample", type=power_of_two, default=OASIS_DOWNSAMPLE,
                     help="the code grid is the image divided by this in each direction (the "
                          "paper's and the seed's 4; 8 or 16 give the prior a smaller map) "
                          "(default: %(default)s)")
@@ -179,12 +184,12 @@ def build_parser():
                        help="PixelCNN training epochs (default: %(default)s)")
     prior.add_argument("--pcnn-learning-rate", type=positive_float, default=3e-4,
                        help="PixelCNN Adam learning rate (default: %(default)s)")
-    prior.add_argument("--pcnn-filters", type=positive_int, default=128,
+    prior.add_argument("--pcnn-filters", type=positive_int, default=64,
                        help="channels of every PixelCNN layer (default: %(default)s)")
-    prior.add_argument("--pcnn-res-blocks", type=non_negative_int, default=2,
+    prior.add_argument("--pcnn-res-blocks", type=non_negative_int, default=8,
                        help="residual (plain) or gated (gated) blocks after the first masked "
                             "convolution (default: %(default)s)")
-    prior.add_argument("--pcnn-dilation-cycle", type=positive_int, default=1,
+    prior.add_argument("--pcnn-dilation-cycle", type=positive_int, default=4,
                        help="block i's masked convolutions are dilated by 2 ** (i mod this), so "
                             "the prior's reach grows exponentially with depth: 4 with 8 blocks "
                             "sees a whole 32x32 map; 1 is the paper's undilated stack "

@@ -45,8 +45,8 @@ LOSS_QUANTIZER = "ours, loss quantizer"
 # driver.py arguments of each setting; the seed takes SEED_DEFAULTS at 256x256 and the demo's
 # K, D, batch size and learning rates at the demo size, so that both models do the same task.
 SETTINGS = {"defaults": [], "demo": ["--demo"]}
-SEED_DEFAULTS = dict(image_size=256, K=512, D=2, beta=1.5, batch_size=32, learning_rate=2e-4,
-                     pcnn_learning_rate=3e-4)
+SEED_DEFAULTS = dict(image_size=256, downsample=4, K=512, D=2, beta=1.5, batch_size=32,
+                     learning_rate=2e-4, pcnn_learning_rate=3e-4)
 # The keras.io PixelCNN: 128 filters, 2 residual blocks, 2 masked 1x1 layers, at any K.
 SEED_PIXELCNN_FILTERS = 128
 SEED_PIXELCNN_BLOCKS = 2
