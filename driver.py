@@ -608,9 +608,8 @@ def evaluate(models, splits, sampled_images, codes, args):
         "vqvae": {
             **evaluation.reconstruction_metrics(originals, reconstructed),
             **evaluation.codebook_metrics(evaluation.code_counts(codes["test"], args.K)),
-            "brain_codebook_perplexity": 2 ** evaluation.entropy_bits(evaluation.code_counts(
-                codes["test"][evaluation.brain_code_positions(originals, codes["test"].shape[1:])],
-                args.K)),
+            "brain_codebook_perplexity": evaluation.brain_codebook_perplexity(
+                codes["test"], originals, args.K),
             "c2st_reconstructions": reconstructions_vs_real["c2st_accuracy"],
             "c2st_reconstructions_stderr": reconstructions_vs_real["c2st_stderr"],
             "anatomy_reconstructions": reconstructions_vs_real["anatomy"],

@@ -128,6 +128,12 @@ def brain_code_positions(images, grid_shape):
     return patches.max(axis=(2, 4)) > BRAIN_THRESHOLD
 
 
+def brain_codebook_perplexity(codes, images, num_embeddings):
+    """The perplexity of the codes (N, h, w) at the positions that cover brain in images."""
+    brain = brain_code_positions(images, codes.shape[1:])
+    return float(2 ** entropy_bits(code_counts(codes[brain], num_embeddings)))
+
+
 def prior_nll_bits(prior, codes, batch_size):
     """Mean negative log-likelihood per code, in bits, of code maps under the prior."""
     total, count = 0.0, 0

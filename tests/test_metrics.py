@@ -50,6 +50,9 @@ def test_brain_code_positions_are_the_patches_with_brain():
     images[0, 5, 1] = 0.05  # below the brain threshold: background
     positions = evaluation.brain_code_positions(images, (2, 2))
     np.testing.assert_array_equal(positions, [[[False, True], [False, False]]])
+    codes = np.array([[[0, 1], [0, 0]]])  # background code 0 everywhere but the brain patch
+    assert evaluation.codebook_metrics(evaluation.code_counts(codes, 4))["codebook_perplexity"] > 1
+    assert evaluation.brain_codebook_perplexity(codes, images, 4) == 1.0  # one code in the brain
 
 
 def constant_logits_prior(logits):
