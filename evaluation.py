@@ -91,10 +91,6 @@ def reconstruction_metrics(originals, reconstructed):
     }
 
 
-def mean_reconstruction_ssim(model, images, shift):
-    return float(np.mean(ssim(*map(tf.constant, reconstructions(model, images, shift)))))
-
-
 # ---------------------------------------------------------------------------------------------
 # Codes and the prior
 
