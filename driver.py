@@ -167,7 +167,8 @@ def build_parser():
     vq.add_argument("--restart-threshold", type=non_negative_float,
                     default=vqvae.RESTART_THRESHOLD,
                     help="an EMA code used by fewer encoder outputs per batch than this (moving "
-                         "average) is restarted at a random encoder output; 0 never restarts "
+                         "average) is restarted at an encoder output drawn in proportion to its "
+                         "squared quantization error; 0 never restarts "
                          "(default: %(default)s)")
     vq.add_argument("--epochs", type=non_negative_int, default=30,
                     help="VQ-VAE training epochs (default: %(default)s)")

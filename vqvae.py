@@ -8,7 +8,8 @@ minimises eq. 3 of the paper:
 
 with the straight-through estimator carrying the decoder's gradient past the argmin.
 `EMAVectorQuantizer` instead moves the codebook by exponential moving averages (the paper's
-appendix A.1) and restarts codes that fall out of use (Jukebox, Dhariwal et al. 2020), so only the
+appendix A.1) and restarts codes that fall out of use (Jukebox, Dhariwal et al. 2020) where the
+codebook quantizes worst (k-means++'s seeding), so only the
 commitment term of eq. 3 remains a loss.
 """
 
@@ -39,6 +40,8 @@ LAPLACE_EPSILON = 1e-5
 # used twice per batch fluctuates by only about 0.1 (Poisson noise over ~100 batches), so a live
 # code is not restarted by chance.
 RESTART_THRESHOLD = 1.0
+# Added to the squared errors that weight the restarts' draw: keeps their logarithm finite.
+TINY_ERROR = 1e-12
 QUANTIZERS = ("loss", "ema")
 
 
@@ -112,7 +115,8 @@ class VectorQuantizer(layers.Layer):
 class EMAVectorQuantizer(VectorQuantizer):
     """A `VectorQuantizer` whose codebook follows exponential moving averages of the encoder
     outputs assigned to each code (appendix A.1 of the paper, sonnet's VectorQuantizerEMA), with
-    Jukebox's restarts of codes that fall out of use.
+    restarts of codes that fall out of use (Jukebox) at encoder outputs drawn in proportion to
+    their squared quantization error (k-means++'s seeding).
 
     Args:
         num_embeddings: K, the number of codebook vectors.
@@ -120,7 +124,7 @@ class EMAVectorQuantizer(VectorQuantizer):
         beta: weight of the commitment loss (the paper's 0.25 by default).
         decay: gamma of the moving averages (the paper's 0.99 by default).
         restart_threshold: a code whose EMA count of vectors per batch falls below this is moved
-            to a random encoder output of the batch; 0 never restarts.
+            to an encoder output of the batch (see `restart_vectors`); 0 never restarts.
         epsilon: Laplace smoothing of the EMA counts.
 
     Calling the layer with training=True updates the codebook from the (global) batch; calling it
@@ -190,34 +194,42 @@ class EMAVectorQuantizer(VectorQuantizer):
                     / (total + self.num_embeddings * self.epsilon) * total)
         codebook = ema_sums / smoothed[:, None]
 
-        # Jukebox's restarts: a code whose count fell below the threshold moves to a random
-        # encoder output of the batch, where encoder outputs are dense. It enters with the count
+        # Jukebox's restarts: a code whose count fell below the threshold moves to an encoder
+        # output of the batch, drawn where the codebook serves the batch worst. It enters with the count
         # that one update decays to the threshold (and the matching sum), so it survives its next
         # update even if that batch gives it no vector; comparing against decay * entry_count
         # rather than the threshold keeps that true under float32 rounding.
         entry_count = ops.convert_to_tensor(self.restart_threshold / self.decay, "float32")
         dead = ema_counts < self.decay * entry_count
-        vectors = self.random_batch_vectors(flat, context)
+        errors = ops.sum((flat - self.lookup(indices)) ** 2, axis=-1)  # ||z_e - e_k||^2
+        vectors = self.restart_vectors(flat, errors, context)
         self.embeddings.assign(ops.where(dead[:, None], vectors, codebook))
         self.ema_counts.assign(ops.where(dead, entry_count, ema_counts))
         self.ema_sums.assign(ops.where(dead[:, None], entry_count * vectors, ema_sums))
         self.restarts.assign_add(ops.sum(ops.cast(dead, "int64")))
         self.updates.assign_add(1)
 
-    def random_batch_vectors(self, flat, context):
-        """K rows drawn uniformly from the global batch's (B*h*w, D) encoder outputs, the same
-        rows on every replica."""
+    def restart_vectors(self, flat, errors, context):
+        """K rows of the global batch's (B*h*w, D) encoder outputs, each drawn with probability
+        proportional to its squared quantization error (k-means++'s seeding), the same rows on
+        every replica. Jukebox draws uniformly; on brain slices most outputs are background,
+        which one code already represents, and a code restarted there dies again."""
         replicas = context.num_replicas_in_sync
         replica = context.replica_id_in_sync_group
         size = ops.shape(flat)[0]
         # (replicas,) row counts; this replica holds global rows offset .. offset + size - 1
         sizes = context.all_reduce("sum", ops.one_hot(replica, replicas, dtype="int32") * size)
         offset = ops.sum(ops.where(ops.arange(replicas) < replica, sizes, 0))
+        total = ops.sum(sizes)
+        # every replica's errors in global row order: (B*h*w,)
+        global_errors = context.all_reduce(
+            "sum", ops.pad(errors, [[offset, total - offset - size]]))
         # Seeded by the update count, which every replica shares, so all draw the same rows.
+        # A batch quantized exactly (all errors 0) draws uniformly.
         seed = ops.stack([self.updates.value, ops.zeros((), "int64")])
-        rows = tf.random.stateless_uniform(
-            (self.num_embeddings,), seed, minval=0, maxval=ops.sum(sizes), dtype="int32"
-        ) - offset
+        log_weights = ops.log(global_errors + TINY_ERROR)[None]  # (1, B*h*w)
+        rows = tf.random.stateless_categorical(
+            log_weights, self.num_embeddings, seed, dtype="int32")[0] - offset
         mine = (rows >= 0) & (rows < size)
         # A zero row to point the other replicas' rows at (a replica's share can be empty).
         padded = ops.concatenate([flat, ops.zeros((1, self.embedding_dim), flat.dtype)])

@@ -137,7 +137,7 @@ def test_reconstructions_are_clipped_with_a_straight_through_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# The EMA codebook (appendix A.1) with Jukebox's restarts
+# The EMA codebook (appendix A.1) with restarts of unused codes (Jukebox, k-means++ seeding)
 
 
 def ema_quantizer(codebook, counts, decay=0.9, restart_threshold=0.0, beta=0.25,
@@ -231,6 +231,26 @@ def test_unused_code_is_restarted_to_a_batch_vector():
     quantizer(on_used_codes, training=True)
     assert int(quantizer.restarts.numpy()) == 2
     assert np.all(quantizer.embeddings.numpy()[3] == on_used_codes.reshape(-1, 2), axis=1).any()
+
+
+def test_restarts_go_where_the_codebook_quantizes_worst():
+    """Restarted codes are drawn in proportion to the squared quantization error: outputs that a
+    code already represents exactly (a black background) are never drawn, however many."""
+    codebook = np.array([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0], [60.0, 60.0]])
+    background = np.zeros((22, 2))  # exactly code 0
+    brain = np.array([[1.5, 1.0], [1.0, 3.0]])  # code 1's, squared errors 0.25 and 4
+    z_e = np.concatenate([background, brain]).reshape(2, 3, 4, 2).astype("float32")
+    draws = []
+    for seed in range(20):
+        # codes 2 and 3 are dead and restart in this step
+        quantizer = ema_quantizer(codebook, np.array([3.0, 3.0, 0.0, 0.0]), decay=0.5,
+                                  restart_threshold=1.0)
+        quantizer.updates.assign(seed)  # which seeds the draw
+        quantizer(z_e, training=True)
+        draws.extend(map(tuple, quantizer.embeddings.numpy()[2:]))
+    assert set(draws) <= {(1.5, 1.0), (1.0, 3.0)}, set(draws)
+    # 4 : 0.25, so the larger error is drawn about 16 times as often
+    assert draws.count((1.0, 3.0)) > 30, draws
 
 
 def test_inference_call_changes_nothing():
