@@ -89,6 +89,36 @@ class MaskedConv2D(layers.Layer):
         return ops.conv(ops.pad(x, padding), kernel, padding="valid",
                         dilation_rate=self.dilation_rate) + self.bias
 
+    def at_column(self, input_back):
+        """For a one-row kernel: this layer's output at one column of a row, where
+        input_back(n) gives its input n columns to the left (zeros left of the row), each
+        (B, 1, 1, C). The sum over the unmasked taps of input times tap matrix, as the
+        convolution computes it."""
+        if self.kernel_size[0] != 1:
+            raise ValueError(f"{self.name}: at_column needs a one-row kernel")
+        centre = self.kernel_size[1] // 2
+        output = self.bias
+        for tap in range(self.used_columns):
+            if self.mask[0, tap, 0, 0]:
+                back = (centre - tap) * self.dilation_rate
+                output = output + ops.matmul(input_back(back), self.kernel[0, tap])
+        return output
+
+    def at_row(self, input_back):
+        """This layer's output at one row of the map, where input_back(n) gives its input n rows
+        above (zeros above the map), each (B, 1, w, C): the sum over the kernel's unmasked rows
+        of each row's one-row convolution, as the 2-D convolution computes it."""
+        kernel = (self.kernel * ops.cast(self.mask, self.kernel.dtype))[
+            : self.used_rows, : self.used_columns]
+        padding = [[0, 0], [0, 0], [self.columns_left, self.columns_right], [0, 0]]
+        centre = self.kernel_size[0] // 2
+        output = self.bias
+        for tap in range(self.used_rows):
+            above = ops.pad(input_back((centre - tap) * self.dilation_rate), padding)
+            output = output + ops.conv(above, kernel[tap : tap + 1], padding="valid",
+                                       dilation_rate=self.dilation_rate)
+        return output
+
     @property
     def used_rows(self):
         """Kernel rows with an unmasked tap: those above the centre, and the centre."""
@@ -133,6 +163,10 @@ class ShiftDown(layers.Layer):
 
     def call(self, x):
         return ops.pad(x, [[0, 0], [1, 0], [0, 0], [0, 0]])[:, :-1]
+
+    def at_row(self, input_back):
+        """The output at one row: the input one row above (see `MaskedConv2D.at_row`)."""
+        return input_back(1)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -347,57 +381,179 @@ def _write_codes(codes, row, col, values):
     return tf.tensor_scatter_nd_update(codes, positions, values)
 
 
-def _windowed_logit_functions(prior, grid_shape):
-    """(prepare_row, logits_at) for any prior: logits at (row, col) from the smallest window of
-    the map that the prior's receptive field covers, which gives the same logits as the whole
-    map. A row's preparation is the top of its window."""
-    height, width = grid_shape
-    reach = receptive_field(prior)
-    rows = min(height, reach.rows_above + 1)
-    columns = min(width, reach.columns_left + reach.columns_right + 1)
+class _WindowedSteps:
+    """How `code_sampler` computes any prior's logits in raster order: at (row, col) from the
+    smallest window of the map that the prior's receptive field covers, which gives the same
+    logits as the whole map. The methods are those of `_GatedSteps`; the state a map, a row and
+    a code carry is only the top row of the window."""
 
-    def prepare_row(codes, row):
-        return tf.clip_by_value(row - rows + 1, 0, height - rows)
+    def __init__(self, prior, grid_shape):
+        self.prior = prior
+        self.height, self.width = grid_shape
+        self.reach = receptive_field(prior)
+        self.rows = min(self.height, self.reach.rows_above + 1)
+        self.columns = min(self.width, self.reach.columns_left + self.reach.columns_right + 1)
 
-    def logits_at(codes, row, col, top):
-        left = tf.clip_by_value(col - reach.columns_left, 0, width - columns)
-        context = codes[:, top : top + rows, left : left + columns]  # (B, rows, columns)
-        return prior(context, training=False)[:, row - top, col - left]  # (B, K)
+    def begin_map(self, codes):
+        return tf.zeros((), tf.int32)
 
-    return prepare_row, logits_at
+    def start_row(self, codes, row, map_state):
+        return tf.clip_by_value(row - self.rows + 1, 0, self.height - self.rows)
+
+    def logits_at(self, codes, row, col, top):
+        left = tf.clip_by_value(col - self.reach.columns_left, 0, self.width - self.columns)
+        context = codes[:, top : top + self.rows, left : left + self.columns]  # (B, rows, cols)
+        return self.prior(context, training=False)[:, row - top, col - left], top  # (B, K)
+
+    def after_draw(self, top, col, values):
+        return top  # the next window reads the drawn code from the map
+
+    def end_row(self, codes, row, map_state):
+        return map_state
 
 
-def _gated_logit_functions(prior, grid_shape):
-    """(prepare_row, logits_at) for the gated prior: its vertical stack, which at row i reads
-    only rows above i, runs once per row (prepare_row); per code only the horizontal stack runs,
-    on the codes of the row left of col that it can see (logits_at)."""
-    height, width = grid_shape
-    embedding = prior.get_layer("embedding")
-    vertical = prior.get_layer("vertical_stack")
-    horizontal = prior.get_layer("horizontal_stack")
-    rows = min(height, receptive_field(vertical).rows_above + 1)
-    columns = min(width, receptive_field(horizontal).columns_left + 1)
+def _layer_steps(model):
+    """A model's layers in topological order, each with the names of the layers it reads."""
+    return [(model.get_layer(config["name"]), _input_layer_names(config["inbound_nodes"]))
+            for config in model.get_config()["layers"]]
 
-    def prepare_row(codes, row):
-        top = tf.clip_by_value(row - rows + 1, 0, height - rows)
-        links = vertical(embedding(codes[:, top : top + rows]), training=False)
-        return [link[:, row - top] for link in keras.tree.flatten(links)]  # each (B, w, 2F)
 
-    def logits_at(codes, row, col, links):
-        left = tf.clip_by_value(col - columns + 1, 0, width - columns)
-        embedded = embedding(codes[:, row : row + 1, left : left + columns])  # (B, 1, columns, F)
-        window = [link[:, None, left : left + columns] for link in links]
-        return horizontal([embedded, *window], training=False)[:, 0, col - left]  # (B, K)
+def _input_names(model):
+    return [tensor._keras_history.operation.name for tensor in model.inputs]
 
-    return prepare_row, logits_at
+
+def _output_names(model):
+    return [tensor._keras_history.operation.name for tensor in keras.tree.flatten(model.outputs)]
+
+
+def _run_at(steps, values, method, earlier):
+    """Runs a model's layers at one position (a row, or a column of a row) of their outputs.
+    `values` holds the inputs there, by layer name, and receives every layer's output there.
+    A layer that reads other positions has `method` (at_row or at_column), which asks
+    earlier(source, n) for its input n positions back, or takes values[source] for n = 0; every
+    other layer must be pointwise."""
+    for layer, sources in steps:
+        if isinstance(layer, layers.InputLayer):
+            continue
+        if hasattr(layer, method):
+            source = sources[0]
+            values[layer.name] = getattr(layer, method)(
+                lambda n, source=source: values[source] if n == 0 else earlier(source, n))
+        elif layer_reach(layer) == Reach(0, 0, 0):  # layer_reach refuses what it cannot measure
+            inputs = [values[source] for source in sources]
+            values[layer.name] = layer(inputs if len(inputs) > 1 else inputs[0], training=False)
+        else:
+            raise ValueError(f"the sampler runs {layer.name!r} at one position at a time, but "
+                             "it reads other positions and has no " + method)
+    return values
+
+
+def _reads_back(steps, method, reach):
+    """{source layer name: how many positions back its readers reach} for the layers whose
+    outputs a layer with `method` reads at earlier positions."""
+    back = {}
+    for layer, sources in steps:
+        if hasattr(layer, method):
+            back[sources[0]] = max(back.get(sources[0], 0), reach(layer))
+    return back
+
+
+class _GatedSteps:
+    """How `code_sampler` computes the gated prior's logits in raster order, each layer at each
+    position once, never a window of the map again:
+
+    - the vertical stack, whose maps at row i read only rows above i, runs one row at a time
+      (start_row); the map's state keeps each of its layers' last outputs that a later row reads,
+      and a finished row's outputs join them (end_row);
+    - the horizontal stack runs one code at a time (logits_at); the row's state keeps its layers'
+      outputs at the codes left of it that a later code reads, and the drawn code's embedding
+      (after_draw).
+    """
+
+    def __init__(self, prior, grid_shape):
+        self.height, self.width = grid_shape
+        self.embedding = prior.get_layer("embedding")
+        self.vertical = prior.get_layer("vertical_stack")
+        self.horizontal = prior.get_layer("horizontal_stack")
+        self.vertical_steps = _layer_steps(self.vertical)
+        self.horizontal_steps = _layer_steps(self.horizontal)
+        (self.vertical_input,) = _input_names(self.vertical)
+        self.embedded_input, *self.link_inputs = _input_names(self.horizontal)
+        self.links = _output_names(self.vertical)
+        (self.logits,) = _output_names(self.horizontal)
+        self.rows_back = _reads_back(self.vertical_steps, "at_row", lambda l: l.rows_above)
+        self.columns_back = _reads_back(self.horizontal_steps, "at_column",
+                                        lambda l: l.columns_left)
+        self.pad = max(self.columns_back.values())  # zero columns left of the row
+
+    def channels(self, model, name):
+        return model.get_layer(name).output.shape[-1]
+
+    def begin_map(self, codes):
+        """For each vertical layer a later row reads: its outputs at the rows above (zeros
+        above the map), (B, rows back, w, C)."""
+        batch = tf.shape(codes)[0]
+        return {name: tf.zeros((batch, back, self.width, self.channels(self.vertical, name)))
+                for name, back in self.rows_back.items()}
+
+    def vertical_row(self, codes, row, above):
+        """The vertical stack's outputs at `row`, from the codes there."""
+        values = {self.vertical_input: self.embedding(codes[:, row : row + 1])}  # (B, 1, w, F)
+        return _run_at(self.vertical_steps, values, "at_row",
+                       lambda source, n: above[source][:, -n, None])
+
+    def start_row(self, codes, row, above):
+        """The vertical stack's links into this row, (B, w, 2F) each, which read only rows
+        above it (so the row's undrawn codes, still 0, do not matter); and for each horizontal
+        layer a later code reads, an array of its outputs at the row's columns."""
+        values = self.vertical_row(codes, row, above)
+        links = [values[name][:, 0] for name in self.links]
+        batch = tf.shape(codes)[0]
+        history = {}
+        for name in self.columns_back:
+            channels = self.channels(self.horizontal, name)
+            array = tf.TensorArray(tf.float32, size=self.pad + self.width,
+                                   element_shape=(None, 1, 1, channels))
+            for col in range(self.pad):
+                array = array.write(col, tf.zeros((batch, 1, 1, channels)))
+            history[name] = array
+        return {"links": links, "history": history}
+
+    def logits_at(self, codes, row, col, state):
+        history = state["history"]
+        values = {name: link[:, col, None, None]
+                  for name, link in zip(self.link_inputs, state["links"])}
+        # The code at col is not drawn yet: zeros stand in, which the first layer's mask A
+        # never reads.
+        values[self.embedded_input] = tf.zeros(
+            (tf.shape(codes)[0], 1, 1, self.embedding.output_dim))
+        values = _run_at(self.horizontal_steps, values, "at_column",
+                         lambda source, n: history[source].read(col - n + self.pad))
+        history = {name: array if name == self.embedded_input
+                   else array.write(col + self.pad, values[name])
+                   for name, array in history.items()}
+        return values[self.logits][:, 0, 0], {**state, "history": history}  # (B, K)
+
+    def after_draw(self, state, col, values):
+        history = dict(state["history"])
+        history[self.embedded_input] = history[self.embedded_input].write(
+            col + self.pad, self.embedding(values)[:, None, None])
+        return {**state, "history": history}
+
+    def end_row(self, codes, row, above):
+        """The finished row's vertical outputs join the rows above."""
+        values = self.vertical_row(codes, row, above)
+        # (the shape restated: the loop that carries it needs the window's height fixed)
+        return {name: tf.ensure_shape(ops.concatenate([rows[:, 1:], values[name]], axis=1),
+                                      rows.shape)
+                for name, rows in above.items()}
 
 
 def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
-    than the next code's logits need (see `_gated_logit_functions` and
-    `_windowed_logit_functions`). To sample
+    than the next code's logits need (see `_GatedSteps` and `_WindowedSteps`). To sample
     one prior repeatedly without compiling it again, call `code_sampler` once.
 
     Args:
@@ -418,18 +574,20 @@ def code_sampler(prior, grid_shape):
     -> int32 code maps (num_samples, h, w)."""
     height, width = grid_shape
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
-    logit_functions = _gated_logit_functions if is_gated else _windowed_logit_functions
-    prepare_row, logits_at = logit_functions(prior, grid_shape)
+    steps = (_GatedSteps if is_gated else _WindowedSteps)(prior, grid_shape)
 
     @tf.function
     def sample_all(num_samples, temperature, seed):
         codes = tf.zeros((num_samples, height, width), tf.int32)
+        above = steps.begin_map(codes)
         for row in tf.range(height):
-            row_context = prepare_row(codes, row)
+            state = steps.start_row(codes, row, above)
             for col in tf.range(width):
-                logits = logits_at(codes, row, col, row_context)
+                logits, state = steps.logits_at(codes, row, col, state)
                 values = draw_codes(logits, temperature, seed, row * width + col)
                 codes = _write_codes(codes, row, col, values)
+                state = steps.after_draw(state, col, values)
+            above = steps.end_row(codes, row, above)
         return codes
 
     def sample(num_samples, temperature=1.0, seed=0):
