@@ -997,9 +997,10 @@ def main(argv=None):
         run(args)
     except PipelineError as error:
         sys.exit(f"driver.py: error: {error}")
-    except tf.errors.UnavailableError as error:  # a collective op lost a worker of the cluster
-        sys.exit(f"driver.py: error: {error.message.splitlines()[0]}; rerun the same command on "
-                 "every worker that stopped: training resumes from the last finished epoch")
+    except tf.errors.UnavailableError:  # raised by a collective op only
+        sys.exit("driver.py: error: lost contact with another worker of the cluster; rerun the "
+                 "same command on every worker that stopped: training resumes from the last "
+                 "finished epoch")
 
 
 if __name__ == "__main__":
