@@ -53,8 +53,8 @@ class Cluster:
 
     def start(self, index):
         self.runs[index] += 1
-        log = open(self.log_path(index), "w")
-        self.processes[index] = start_worker(index, self.ports, self.args, log)
+        with open(self.log_path(index), "w") as log:  # the worker keeps its own descriptor
+            self.processes[index] = start_worker(index, self.ports, self.args, log)
 
     def log_path(self, index):
         return self.folder / f"worker_{index}_run_{self.runs[index]}.log"
@@ -76,8 +76,9 @@ class Cluster:
 
 
 def cluster_run_args(root, splits=None):
+    """The checkpoint folder and the output flags of a cluster run on tiny data in root."""
     data = write_split_folders(root / "data", *([splits] if splits else []))
-    return data, root / "checkpoints", ["--data", data, "--out", root / "out"]
+    return root / "checkpoints", ["--data", data, "--out", root / "out"]
 
 
 def fingerprints(log):
@@ -114,7 +115,7 @@ def test_mirrored_on_two_cpu_devices_runs_the_whole_pipeline(mirrored_run):
 
 
 def test_two_workers_train_in_sync_like_two_replicas_in_one_process(tmp_path, mirrored_run):
-    _, checkpoints, args = cluster_run_args(tmp_path)
+    checkpoints, args = cluster_run_args(tmp_path)
     with Cluster(tmp_path, [*args, "--checkpoint-dir", checkpoints, *TINY_RUN]) as cluster:
         for index in range(WORKERS):
             cluster.start(index)
@@ -138,7 +139,7 @@ def epochs_started(log):
 
 
 def test_killed_worker_restarted_resumes_without_retraining(tmp_path):
-    _, checkpoints, args = cluster_run_args(tmp_path, FAULT_SPLITS)
+    checkpoints, args = cluster_run_args(tmp_path, FAULT_SPLITS)
     with Cluster(tmp_path, [*args, "--checkpoint-dir", checkpoints, *FAULT_RUN]) as cluster:
         for index in range(WORKERS):
             cluster.start(index)
