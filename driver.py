@@ -13,6 +13,7 @@ killed run resumes there.
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -213,6 +214,10 @@ def build_parser():
                                "device; mirrored: tf.distribute.MirroredStrategy over local GPUs; "
                                "multiworker: MultiWorkerMirroredStrategy configured by TF_CONFIG "
                                "(default: %(default)s)")
+    hardware.add_argument("--cpu-replicas", type=positive_int, default=1,
+                          help="with --strategy mirrored: split the CPU into this many devices, "
+                               "one replica each, to try the distributed path without GPUs "
+                               "(default: %(default)s)")
     hardware.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"),
                           default="off",
                           help="compute in 16 bits with float32 weights (float16 with loss "
@@ -246,6 +251,8 @@ def parse_args(argv=None):
         parser.error(f"argument --num-samples: expected an integer >= "
                      f"{evaluation.MIN_IMAGES_PER_SET} (the realism test's "
                      f"{evaluation.C2ST_FOLDS}-fold cross-validation), got {args.num_samples}")
+    if args.cpu_replicas > 1 and args.strategy != "mirrored":
+        parser.error("argument --cpu-replicas: only --strategy mirrored splits the CPU")
     return args
 
 
@@ -382,13 +389,21 @@ class Splits:
             self.train.shuffle(count, seed=seed, reshuffle_each_iteration=True))
 
     def _batched_and_scaled(self, images):
-        return (images.batch(self.batch_size)
-                .map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX - self.shift)
-                .prefetch(tf.data.AUTOTUNE))
+        return sharded_by_data(images.batch(self.batch_size)
+                               .map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX - self.shift)
+                               .prefetch(tf.data.AUTOTUNE))
 
     def pixels(self, split):
         """The split's uint8 images as one array (N, size, size, 1)."""
         return np.concatenate(list(getattr(self, split).batch(256).as_numpy_iterator()))
+
+
+def sharded_by_data(dataset):
+    """The dataset with each worker of a cluster taking its share of every global batch: the
+    in-memory cache has no files to shard by, which the default policy would try first."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def load_splits(data_dir, size, shift, batch_size, demo):
@@ -537,13 +552,69 @@ def describe_devices(strategy):
     return f"Running on {devices}" + (f", {replicas} replicas in sync" if replicas > 1 else "")
 
 
-def distribution_strategy(name):
+def distribution_strategy(name, cpu_replicas):
     """The tf.distribute strategy that --strategy names; --batch_size is the global batch."""
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        check_cluster_config()
+        return MultiWorkerStrategy()
+    if cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        return tf.distribute.MirroredStrategy(
+            [device.name for device in tf.config.list_logical_devices("CPU")])
     if name == "mirrored" or len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy whose reduce accepts what Keras 3 (3.15 here) passes it in
+    fit: a nested batch (x, y), and scalar logs with axis=0, which fail on the stock strategy
+    (tensorflow/tensorflow#72388). A scalar is averaged over the replicas alone."""
+
+    def reduce(self, reduce_op, value, axis):
+        def reduce_one(per_replica):
+            scalar = self.experimental_local_results(per_replica)[0].shape.rank == 0
+            return super(MultiWorkerStrategy, self).reduce(reduce_op, per_replica,
+                                                           None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
+def check_cluster_config():
+    """Refuse a missing or malformed TF_CONFIG in one line, before TensorFlow reads it."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise PipelineError("--strategy multiworker needs the TF_CONFIG environment variable "
+                            "naming the workers and this one's index (README, \"GPUs and "
+                            "clusters\")")
+    try:
+        config = json.loads(text)
+        workers, index = config["cluster"]["worker"], config["task"]["index"]
+        if not 0 <= index < len(workers):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise PipelineError(f"TF_CONFIG {text!r} is not a cluster of workers with this task's "
+                            "index among them (README, \"GPUs and clusters\")") from None
+
+
+def worker_folder(strategy, checkpoint_dir):
+    """Where a worker other than the chief writes (None on the chief, which writes the results):
+    its own checkpoints, which it resumes from when restarted, and logs, inside --checkpoint-dir
+    so that every worker can run the same command, even sharing one machine."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or strategy.extended.should_checkpoint:
+        return None
+    return checkpoint_dir / f".{resolver.task_type}_{resolver.task_id}"
+
+
+def chief_lacks(path, strategy):
+    """Whether the chief has no file at path, as every worker learns it: the workers then train
+    the same models and enter the same collective ops."""
+    lacks = float(strategy.extended.should_checkpoint and not path.exists())
+    per_replica = strategy.run(lambda: tf.constant(lacks))
+    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0)
 
 
 def train_vqvae(splits, args, checkpoints, strategy):
@@ -571,7 +642,7 @@ def code_dataset(codes, batch_size, seed=None):
     data = tf.data.Dataset.from_tensor_slices((codes, codes))
     if seed is not None:
         data = data.shuffle(len(codes), seed=seed, reshuffle_each_iteration=True)
-    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return sharded_by_data(data.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def train_prior(train_codes, validate_codes, args, checkpoints, strategy):
@@ -838,14 +909,25 @@ def prepare_checkpoints(args):
     return checkpoints
 
 
-def trained(what, checkpoints, train, evaluate_only):
+def trained(what, checkpoints, train, needs_training):
     """The model of a finished earlier run, or one that train() trains (or resumes) now."""
-    if not checkpoints.keras_file.exists() and not evaluate_only:
+    if needs_training:
         save_model(train(), checkpoints.keras_file)
     if not checkpoints.keras_file.exists():
         raise PipelineError(f"no saved {what} at {checkpoints.keras_file}; train first (run "
-                            "without --evaluate) or point --checkpoint-dir at a finished run")
-    return keras.models.load_model(checkpoints.keras_file, safe_mode=True)
+                            "without --evaluate), point --checkpoint-dir at a finished run, or "
+                            "in a cluster rerun every worker with --fresh")
+    model = keras.models.load_model(checkpoints.keras_file, safe_mode=True)
+    print(f"{what} weights: sha256 {weights_fingerprint(model)}")
+    return model
+
+
+def weights_fingerprint(model):
+    """A hash of every weight's bytes: workers of a cluster train in sync, so theirs are equal."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
 
 
 def sample_images(models, args):
@@ -863,22 +945,32 @@ def sample_images(models, args):
 
 def run(args):
     # first, before any TensorFlow operation: a multi-worker strategy requires it
-    strategy = distribution_strategy(args.strategy)
+    strategy = distribution_strategy(args.strategy, args.cpu_replicas)
     print(describe_devices(strategy))
     if args.evaluate:
         args = trained_settings(args)
+    own_folder = worker_folder(strategy, args.checkpoint_dir)
+    if own_folder:
+        args = argparse.Namespace(**(vars(args) | {"out": own_folder,
+                                                   "checkpoint_dir": own_folder}))
     keras.utils.set_random_seed(args.seed)
     if args.mixed_precision != "off":
         keras.mixed_precision.set_global_policy(f"mixed_{args.mixed_precision}")
     prepare_folder(args.out, "--out")
     vq_checkpoints, prior_checkpoints = prepare_checkpoints(args)
+    train_vq, train_pcnn = (not args.evaluate and chief_lacks(checkpoints.keras_file, strategy)
+                            for checkpoints in (vq_checkpoints, prior_checkpoints))
+    if own_folder and not (train_vq or train_pcnn):
+        return finish_worker(own_folder)
     splits = load_splits(args.data, args.image_size, args.shift, args.batch_size, args.demo)
     model = trained("VQ-VAE", vq_checkpoints,
-                    lambda: train_vqvae(splits, args, vq_checkpoints, strategy), args.evaluate)
+                    lambda: train_vqvae(splits, args, vq_checkpoints, strategy), train_vq)
     codes = {split: encode(model, splits.scaled(split)) for split in SPLIT_FOLDERS}
     prior = trained("PixelCNN", prior_checkpoints,
                     lambda: train_prior(codes["train"], codes["validate"], args,
-                                        prior_checkpoints, strategy), args.evaluate)
+                                        prior_checkpoints, strategy), train_pcnn)
+    if own_folder:
+        return finish_worker(own_folder)
     sampled_codes, sampled_images = sample_images((model, prior), args)
     save_sample_pngs(sampled_images, args.out / "samples")
     metrics, statistics = evaluate((model, prior), splits, sampled_images, codes, args)
@@ -893,12 +985,23 @@ def run(args):
     print(f"Models: {vq_checkpoints.keras_file}, {prior_checkpoints.keras_file}")
 
 
+def finish_worker(own_folder):
+    """A worker other than the chief stops once the models are trained: evaluation, sampling and
+    figures are the chief's alone, and use no collective op that this worker would have to join."""
+    shutil.rmtree(own_folder)
+    print(f"Worker finished training; the chief writes the results ({own_folder} removed)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
     except PipelineError as error:
         sys.exit(f"driver.py: error: {error}")
+    except tf.errors.UnavailableError:  # raised by a collective op only
+        sys.exit("driver.py: error: lost contact with another worker of the cluster; rerun the "
+                 "same command on every worker that stopped: training resumes from the last "
+                 "finished epoch")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""MultiWorkerMirroredStrategy with real processes: two workers on localhost, configured by
+TF_CONFIG as on a cluster, run the same command; the chief writes the results. Also the whole
+pipeline under MirroredStrategy on two logical CPU devices."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_RUN, one_line_error, run_driver, write_split_folders
+
+WORKERS = 2
+RUN_TIMEOUT = 300  # seconds: a hang in a collective op fails the test instead of blocking CI
+POLL_INTERVAL = 0.05
+# The fault test's VQ-VAE: 3 epochs of 4 steps, so that a worker can be killed inside epoch 2.
+FAULT_RUN = [*TINY_RUN, "--epochs", "3"]
+FAULT_SPLITS = {"train": 32, "validate": 4, "test": 10}
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("localhost", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def start_worker(index, ports, args, log):
+    config = {"cluster": {"worker": [f"localhost:{port}" for port in ports]},
+              "task": {"type": "worker", "index": index}}
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "driver.py"), "--strategy", "multiworker", *map(str, args)],
+        env=os.environ | {"TF_CONFIG": json.dumps(config), "PYTHONUNBUFFERED": "1"}, cwd=REPO,
+        stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+class Cluster:
+    """Worker processes of one cluster, each logging to its own file; all are killed on exit."""
+
+    def __init__(self, folder, args):
+        self.folder, self.args = folder, args
+        self.ports = free_ports(WORKERS)
+        self.processes = {}
+        self.runs = {index: 0 for index in range(WORKERS)}
+
+    def start(self, index):
+        self.runs[index] += 1
+        with open(self.log_path(index), "w") as log:  # the worker keeps its own descriptor
+            self.processes[index] = start_worker(index, self.ports, self.args, log)
+
+    def log_path(self, index):
+        return self.folder / f"worker_{index}_run_{self.runs[index]}.log"
+
+    def log(self, index):
+        return self.log_path(index).read_text()
+
+    def wait(self, index):
+        return self.processes[index].wait(timeout=RUN_TIMEOUT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def cluster_run_args(root, splits=None):
+    """The checkpoint folder and the output flags of a cluster run on tiny data in root."""
+    data = write_split_folders(root / "data", *([splits] if splits else []))
+    return root / "checkpoints", ["--data", data, "--out", root / "out"]
+
+
+def fingerprints(log):
+    return [line for line in log.splitlines() if "weights: sha256" in line]
+
+
+def load_weights(path):
+    import keras
+    import pixelcnn  # noqa: F401  registers the layers
+    import vqvae  # noqa: F401
+
+    return keras.models.load_model(path, safe_mode=True).get_weights()
+
+
+@pytest.fixture(scope="module")
+def mirrored_run(tmp_path_factory):
+    """The tiny run in one process under MirroredStrategy on two logical CPU devices: the same
+    two replicas, each with the same half of every global batch, as the two-worker cluster."""
+    root = tmp_path_factory.mktemp("mirrored")
+    data = write_split_folders(root / "data")
+    result = run_driver("--strategy", "mirrored", "--cpu-replicas", WORKERS, "--data", data,
+                        "--out", root / "out", "--checkpoint-dir", root / "checkpoints", *TINY_RUN)
+    return {"root": root, "result": result}
+
+
+def test_mirrored_on_two_cpu_devices_runs_the_whole_pipeline(mirrored_run):
+    result, root = mirrored_run["result"], mirrored_run["root"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{WORKERS} replicas in sync" in result.stdout
+    for name in ("metrics.json", "samples.png", "realism.png", "samples"):
+        assert (root / "out" / name).exists(), name
+    for name in ("vqvae.keras", "pixelcnn.keras"):
+        assert (root / "checkpoints" / name).exists(), name
+
+
+def test_two_workers_train_in_sync_like_two_replicas_in_one_process(tmp_path, mirrored_run):
+    checkpoints, args = cluster_run_args(tmp_path)
+    with Cluster(tmp_path, [*args, "--checkpoint-dir", checkpoints, *TINY_RUN]) as cluster:
+        for index in range(WORKERS):
+            cluster.start(index)
+        codes = [cluster.wait(index) for index in range(WORKERS)]
+    assert codes == [0] * WORKERS, [cluster.log(index)[-3000:] for index in range(WORKERS)]
+    for name in ("metrics.json", "samples.png", "realism.png", "samples"):
+        assert (tmp_path / "out" / name).exists(), name
+    assert not (checkpoints / ".worker_1").exists()  # the other worker cleaned up
+    chief, other = fingerprints(cluster.log(0)), fingerprints(cluster.log(1))
+    assert len(chief) == 2 and chief == other, (chief, other)  # both models, bit for bit
+    for name in ("vqvae.keras", "pixelcnn.keras"):
+        one_process = load_weights(mirrored_run["root"] / "checkpoints" / name)
+        cluster_weights = load_weights(checkpoints / name)
+        assert len(one_process) == len(cluster_weights)
+        for one, two in zip(one_process, cluster_weights):
+            np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def epochs_started(log):
+    return {line.split()[1] for line in log.splitlines() if line.startswith("Epoch ")}
+
+
+def test_killed_worker_restarted_resumes_without_retraining(tmp_path):
+    checkpoints, args = cluster_run_args(tmp_path, FAULT_SPLITS)
+    with Cluster(tmp_path, [*args, "--checkpoint-dir", checkpoints, *FAULT_RUN]) as cluster:
+        for index in range(WORKERS):
+            cluster.start(index)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "Epoch 2/3" not in cluster.log(1):
+            assert time.monotonic() < deadline and cluster.processes[1].poll() is None
+            time.sleep(POLL_INTERVAL)
+        cluster.processes[1].send_signal(signal.SIGKILL)
+        cluster.wait(1)
+        assert epochs_started(cluster.log(1)) == {"1/3", "2/3"}  # killed in epoch 2
+        assert len(read_history(checkpoints / ".worker_1")) == 1
+        # the survivor's collective ops fail: it stops with one line and a non-zero exit
+        assert cluster.wait(0) != 0
+        survivor = cluster.log(0)
+        assert "Traceback" not in survivor and "rerun the same command" in survivor, survivor[-3000:]
+        first_epoch = read_history(checkpoints)
+        assert len(first_epoch) == 1  # epoch 2 did not finish
+        for index in range(WORKERS):  # the same command on both, as a cluster manager would
+            cluster.start(index)
+        codes = [cluster.wait(index) for index in range(WORKERS)]
+        logs = [cluster.log(index) for index in range(WORKERS)]
+    assert codes == [0] * WORKERS, [log[-3000:] for log in logs]
+    for log in logs:  # (Keras prints no epoch line for the prior's single epoch)
+        assert epochs_started(log) == {"2/3", "3/3"}, log[-3000:]
+    history = read_history(checkpoints)
+    assert len(history) == 3 and history[:1] == first_epoch
+    assert fingerprints(logs[0]) == fingerprints(logs[1])
+    assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def read_history(checkpoints):
+    return json.loads((checkpoints / "vqvae_history.json").read_text())
+
+
+@pytest.mark.parametrize("config, expected", [
+    (None, "needs the TF_CONFIG environment variable"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"index": 3}}', "is not a cluster"),
+    ("not json", "is not a cluster"),
+])
+def test_multiworker_without_a_valid_tf_config_is_one_line(capsys, monkeypatch, tmp_path,
+                                                           config, expected):
+    if config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", config)
+    message = one_line_error(capsys, ["--strategy", "multiworker", "--out", str(tmp_path / "out"),
+                                      "--checkpoint-dir", str(tmp_path / "checkpoints")])
+    assert expected in message, message
+
+
+def test_cpu_replicas_need_the_mirrored_strategy(capsys):
+    message = one_line_error(capsys, ["--cpu-replicas", "2"])
+    assert "--cpu-replicas" in message and "mirrored" in message, message
