@@ -33,14 +33,18 @@ def brain_like_image(rng, size):
     return (brain * rng.uniform(150, 250) * ~ventricle).astype(np.uint8)
 
 
-def write_split_folders(root, sizes=SPLIT_SIZES, image_size=TINY_SIZE, seed=0):
+def write_split_folders(root, sizes=SPLIT_SIZES, image_size=TINY_SIZE, seed=0,
+                        slices_per_case=1):
+    """Tiny splits in the OASIS layout, named case_<case>_slice_<n>.nii.png with n counting
+    0 .. slices_per_case - 1 in each case."""
     rng = np.random.default_rng(seed)
     for split, count in sizes.items():
         folder = root / f"keras_png_slices_{split}"
         folder.mkdir(parents=True, exist_ok=True)
-        for case in range(count):
+        for image_number in range(count):
+            case, index = divmod(image_number, slices_per_case)
             image = Image.fromarray(brain_like_image(rng, image_size))
-            image.save(folder / f"case_{case:03d}_slice_0.nii.png")
+            image.save(folder / f"case_{case:03d}_slice_{index}.nii.png")
     return root
 
 
