@@ -372,11 +372,16 @@ def is_conditional(prior):
     return any(layer.name == "height_embedding" for layer in prior.layers)
 
 
-def prior_inputs(prior, codes, heights):
-    """What `prior` takes: the codes, or [codes, heights] when it is conditional."""
+def check_heights(prior, heights):
+    """Refuses heights for an unconditional prior, and a conditional prior without them."""
     if is_conditional(prior) != (heights is not None):
         raise ValueError("a conditional prior needs the heights, an unconditional one takes none"
                          f" ({prior.name}, heights {'given' if heights is not None else 'None'})")
+
+
+def prior_inputs(prior, codes, heights):
+    """What `prior` takes: the codes, or [codes, heights] when it is conditional."""
+    check_heights(prior, heights)
     return [codes, heights] if heights is not None else codes
 
 
@@ -547,10 +552,10 @@ def code_sampler(prior, grid_shape):
         return codes
 
     def sample(num_samples, temperature=1.0, seed=0, heights=None):
-        prior_inputs(prior, None, heights)  # refuses missing or unexpected heights
+        check_heights(prior, heights)
         # an unconditional prior's functions ignore the heights: zeros keep one signature
         heights = tf.zeros([num_samples]) if heights is None else heights
-        heights = tf.reshape(tf.constant(heights, tf.float32), [num_samples])
+        heights = tf.reshape(tf.cast(heights, tf.float32), [num_samples])
         # tensors, so that other values reuse the compiled graph
         return sample_all(tf.constant(num_samples, tf.int32),
                           tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32),
