@@ -14,9 +14,10 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Unconditional: the tiny splits name every slice slice_0, one height.
 TINY_RUN = ["--image-size", "32", "--downsample", "4", "--epochs", "1", "--pcnn-epochs", "1",
             "--K", "16", "--D", "4", "--batch_size", "8", "--pcnn-filters", "16",
-            "--pcnn-res-blocks", "2", "--num-samples", "10"]
+            "--pcnn-res-blocks", "2", "--num-samples", "10", "--condition", "none"]
 
 # The scaled pixel range at the default --shift of 0.5.
 PIXEL_RANGE = (-0.5, 0.5)

@@ -124,3 +124,12 @@ def test_conditional_nll_is_given_the_heights():
                                                        from_logits=True)
     expected = float(np.mean(nll)) / np.log(2)
     assert evaluation.prior_nll_bits(prior, codes, 3, heights) == pytest.approx(expected, 1e-5)
+
+
+def test_models_saved_before_the_condition_flag_are_evaluated_unconditionally(tmp_path):
+    settings = driver.model_settings(driver.parse_args([])) | {"data": "somewhere"}
+    del settings["condition"]
+    (tmp_path / driver.SETTINGS_FILE).write_text(json.dumps(settings))
+    args = driver.parse_args(["--evaluate", "--checkpoint-dir", str(tmp_path)])
+    assert args.condition == "slice"  # the default now
+    assert driver.trained_settings(args).condition == "none"
