@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -75,6 +76,10 @@ PIXEL_MAX = 255.0
 MIN_IMAGE_SIZE = 16
 FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
+HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
+IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
+# OASIS and the demo name each slice's axial position: case_001_slice_17.nii.png
+SLICE_NAME = re.compile(r"slice_(\d+)")
 
 
 class PipelineError(Exception):
@@ -114,6 +119,15 @@ unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 square_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_IMAGE_SIZE}")
 power_of_two = checked(int, lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2")
 
+
+def slice_list(text):
+    """--slice: comma-separated heights or slice indices. A value with a '.' is a relative
+    height in [0, 1] (a float); a plain integer is a slice index (an int), which `sample_heights`
+    converts with the data set's slices per case."""
+    height = checked(float, lambda v: 0 <= v <= 1, "a height in [0, 1] such as 0.5")
+    index = checked(int, lambda v: v >= 0, "a slice index >= 0 or a height such as 0.5")
+    return [height(value) if "." in value else index(value) for value in text.split(",")]
+
 # Settings of --demo: small enough to finish on a 2-core CPU in minutes (see the README).
 # A 64x64 image keeps the seed's 16x16 code grid (downsampling 4).
 DEMO_DEFAULTS = dict(
@@ -127,6 +141,9 @@ DEMO_DEFAULTS = dict(
 OASIS_DOWNSAMPLE = 8
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices, drawn in minutes.
 DEFAULT_SAMPLES = 256
+# The slice-conditional prior fits the demo's test codes better and draws the anatomy of the
+# height asked for (README, "Slice-conditional prior").
+DEFAULT_CONDITION = "slice"
 
 
 def build_parser():
@@ -199,6 +216,16 @@ def build_parser():
     prior.add_argument("--pcnn-layers", type=non_negative_int, default=2,
                        help="1x1 convolution layers between the blocks and the logits "
                             "(default: %(default)s)")
+    prior.add_argument("--condition", choices=pixelcnn.CONDITIONS, default=DEFAULT_CONDITION,
+                       help="none: the prior models p(c); slice: p(c | h), conditioned on each "
+                            "slice's relative height h in [0, 1] read from its file name "
+                            "(slice_<n>; section 2.3 of the PixelCNN paper) "
+                            "(default: %(default)s)")
+    prior.add_argument("--slice", type=slice_list, default=None,
+                       help="heights to sample with --condition slice: one or a comma-separated "
+                            "list of relative heights (0.2,0.5,0.8; values with a '.') or slice "
+                            "indices (3,4; plain integers); the samples are spread over them in "
+                            "order (default: --num-samples heights evenly spread over [0, 1])")
     prior.add_argument("--num-samples", type=positive_int, default=DEFAULT_SAMPLES,
                        help="code maps to sample, decode and save as PNGs; the realism test "
                             f"needs at least {evaluation.MIN_IMAGES_PER_SET} "
@@ -253,6 +280,8 @@ def parse_args(argv=None):
                      f"{evaluation.C2ST_FOLDS}-fold cross-validation), got {args.num_samples}")
     if args.cpu_replicas > 1 and args.strategy != "mirrored":
         parser.error("argument --cpu-replicas: only --strategy mirrored splits the CPU")
+    if args.slice is not None and args.condition != "slice":
+        parser.error("argument --slice: only a prior with --condition slice takes heights")
     return args
 
 
@@ -304,14 +333,21 @@ def replace_folder_atomically(folder, write):
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def save_sample_pngs(images, folder):
+def sample_name(index, height=None):
+    """sample_007.png, or with the relative height it was drawn at, sample_007_slice_0.50.png."""
+    drawn_at = "" if height is None else f"_slice_{height:.2f}"
+    return f"sample_{index:03d}{drawn_at}.png"
+
+
+def save_sample_pngs(images, folder, heights=None):
     """Each image in [0, 1] as an 8-bit grayscale PNG, mapped back as the input slices were read
-    (pixel / 255): sample_000.png, sample_001.png, ..."""
+    (pixel / 255), named by `sample_name`."""
+    heights = [None] * len(images) if heights is None else heights
 
     def write(temporary):
-        for index, image in enumerate(images):
+        for index, (image, height) in enumerate(zip(images, heights)):
             pixels = np.round(np.asarray(image)[..., 0] * PIXEL_MAX).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(temporary / f"sample_{index:03d}.png")
+            Image.fromarray(pixels, mode="L").save(temporary / sample_name(index, height))
 
     replace_folder_atomically(folder, write)
 
@@ -362,13 +398,24 @@ def check_split_folder(folder):
 
 
 def load_split(folder, size):
-    """Decode a split once into a cached dataset of uint8 images (N, size, size, 1)."""
+    """Decode a split once into a cached dataset of uint8 images (N, size, size, 1), and the
+    images' file paths in the same order."""
     images = keras.utils.image_dataset_from_directory(
         folder, labels=None, color_mode="grayscale", image_size=(size, size),
         batch_size=None, shuffle=False, verbose=False,
     )
     # uint8 in the cache takes a quarter of float32's memory.
-    return images.map(lambda x: tf.cast(tf.round(x), tf.uint8)).cache()
+    return images.map(lambda x: tf.cast(tf.round(x), tf.uint8)).cache(), images.file_paths
+
+
+def slice_index(path):
+    """The n of a file named like case_001_slice_<n>.nii.png."""
+    match = SLICE_NAME.search(Path(path).name)
+    if match is None:
+        raise PipelineError(f"{path} has no slice_<n> in its name, which --condition slice "
+                            "reads the slice's height from (as in case_001_slice_7.nii.png); "
+                            "rename it or pass --condition none")
+    return int(match.group(1))
 
 
 @dataclass
@@ -378,6 +425,22 @@ class Splits:
     test: tf.data.Dataset
     shift: float
     batch_size: int
+    file_paths: dict  # {split: [path of each image, in the datasets' order]}
+
+    @property
+    def top_slice(self):
+        """The highest slice index of the training split: slices per case - 1."""
+        top = max(slice_index(path) for path in self.file_paths["train"])
+        if top == 0:
+            raise PipelineError("every training slice is named slice_0; --condition slice needs "
+                                "several heights per case")
+        return top
+
+    def heights(self, split):
+        """Each image's relative height in [0, 1]: its slice index / (slices per case - 1), so
+        that OASIS's 32 heights and the demo's 8 mean the same."""
+        indices = np.array([slice_index(path) for path in self.file_paths[split]], "float32")
+        return indices / self.top_slice
 
     def scaled(self, split):
         """Batches of images in [-shift, 1 - shift]."""
@@ -416,7 +479,8 @@ def load_splits(data_dir, size, shift, batch_size, demo):
         raise PipelineError(
             f"{folders['test']} holds {test_count} images; the realism test needs at least "
             f"{evaluation.MIN_IMAGES_PER_SET} ({evaluation.C2ST_FOLDS}-fold cross-validation)")
-    return Splits(*(load_split(folder, size) for folder in folders.values()), shift, batch_size)
+    images, paths = zip(*(load_split(folder, size) for folder in folders.values()))
+    return Splits(*images, shift, batch_size, dict(zip(SPLIT_FOLDERS, paths)))
 
 
 def pixel_variance(images):
@@ -638,25 +702,33 @@ def encode(model, images):
     return np.concatenate([model.encode_to_indices(batch).numpy() for batch in images])
 
 
-def code_dataset(codes, batch_size, seed=None):
-    data = tf.data.Dataset.from_tensor_slices((codes, codes))
+def code_dataset(codes, heights, batch_size, seed=None):
+    """(codes, codes) pairs, or ((codes, heights), codes) for a conditional prior (heights not
+    None)."""
+    inputs = codes if heights is None else (codes, heights)
+    data = tf.data.Dataset.from_tensor_slices((inputs, codes))
     if seed is not None:
         data = data.shuffle(len(codes), seed=seed, reshuffle_each_iteration=True)
     return sharded_by_data(data.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def train_prior(train_codes, validate_codes, args, checkpoints, strategy):
-    print(f"Training the {args.pcnn_type} PixelCNN for {args.pcnn_epochs} epochs on "
-          f"{len(train_codes)} code maps of {train_codes.shape[1]}x{train_codes.shape[2]}")
+def train_prior(codes, heights, args, checkpoints, strategy):
+    """The prior, trained on the training split's code maps (and, when conditional, their
+    heights), validated on the validation split's."""
+    train_codes = codes["train"]
+    print(f"Training the {args.pcnn_type} PixelCNN (condition: {args.condition}) for "
+          f"{args.pcnn_epochs} epochs on {len(train_codes)} code maps of "
+          f"{train_codes.shape[1]}x{train_codes.shape[2]}")
     with strategy.scope():
         prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
                                         args.pcnn_layers, kind=args.pcnn_type,
-                                        dilation_cycle=args.pcnn_dilation_cycle)
+                                        dilation_cycle=args.pcnn_dilation_cycle,
+                                        condition=args.condition)
         prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    fit(prior, code_dataset(train_codes, args.batch_size, args.seed),
-        code_dataset(validate_codes, args.batch_size), args.pcnn_epochs, checkpoints,
-        args.out / "logs" / "pixelcnn")
+    fit(prior, code_dataset(train_codes, heights["train"], args.batch_size, args.seed),
+        code_dataset(codes["validate"], heights["validate"], args.batch_size),
+        args.pcnn_epochs, checkpoints, args.out / "logs" / "pixelcnn")
     return prior
 
 
@@ -664,10 +736,12 @@ def train_prior(train_codes, validate_codes, args, checkpoints, strategy):
 # Evaluation: the metrics themselves live in evaluation.py
 
 
-def evaluate(models, splits, sampled_images, codes, args):
+def evaluate(models, splits, sampled, codes, heights, args):
     """metrics.json's content and the anatomy statistics of the three image sets: real test
-    slices, their reconstructions and the samples."""
+    slices, their reconstructions and the samples. A conditional prior's NLL is conditional,
+    and its samples are also compared with the real slices at their heights."""
     model, prior = models
+    _, sampled_images, sampled_heights = sampled
     originals, reconstructed = evaluation.reconstructions(model, splits.scaled("test"), args.shift)
     started = time.perf_counter()
     real, reconstructions, samples = (
@@ -687,7 +761,8 @@ def evaluate(models, splits, sampled_images, codes, args):
             "anatomy_reconstructions": reconstructions_vs_real["anatomy"],
         },
         "pixelcnn": {
-            "test_nll_bits": evaluation.prior_nll_bits(prior, codes["test"], args.batch_size),
+            "test_nll_bits": evaluation.prior_nll_bits(prior, codes["test"], args.batch_size,
+                                                       heights["test"]),
             "unigram_bits": evaluation.entropy_bits(
                 evaluation.code_counts(codes["train"], args.K)),
             "uniform_bits": math.log2(args.K),
@@ -704,10 +779,27 @@ def evaluate(models, splits, sampled_images, codes, args):
             "pairwise_ssim": evaluation.pairwise_ssim(sampled_images, args.seed),
         },
     }
+    if sampled_heights is not None:
+        metrics["samples"].update(samples_by_height(
+            (originals, real, heights["test"]), (sampled_images, samples, sampled_heights),
+            args.seed))
     statistics = {"real test slices": real["statistics"],
                   "reconstructions": reconstructions["statistics"],
                   "samples": samples["statistics"]}
     return metrics, statistics
+
+
+def samples_by_height(real, sampled, seed):
+    """The realism test per height band, and how well the samples' brain area follows the real
+    slices' from bottom to top. `real` and `sampled` are (images, realism summary, heights)."""
+    (real_images, real_summary, real_heights), (images, summary, heights) = real, sampled
+    area = evaluation.brain_area_by_height(
+        real_summary["statistics"]["brain_area"], real_heights,
+        summary["statistics"]["brain_area"], heights)
+    return {"by_band": evaluation.realism_by_band(real_images, real_heights, images, heights,
+                                                  seed),
+            "brain_area_height_correlation": area["correlation"],
+            "brain_area_by_height": area["by_height"]}
 
 
 def print_metrics(metrics, prefix=""):
@@ -818,6 +910,31 @@ def plot_realism(statistics, distances, path):
     save_figure(fig, path)
 
 
+def plot_samples_by_slice(real, real_heights, samples, sample_heights, path):
+    """Rows of heights, the top of the head at the top: real test slices at each height, then
+    samples drawn at (nearest to) it."""
+    levels = np.unique(real_heights)
+    levels = levels[np.round(np.linspace(0, len(levels) - 1, min(HEIGHT_ROWS, len(levels))))
+                    .astype(int)][::-1]
+    sample_levels = evaluation.nearest_height(sample_heights, levels)
+    fig = Figure(figsize=(1.6 * 2 * IMAGES_PER_HEIGHT, 1.7 * len(levels)))
+    axes = fig.subplots(len(levels), 2 * IMAGES_PER_HEIGHT, squeeze=False)
+    for row, level in enumerate(levels):
+        images = [*real[real_heights == level][:IMAGES_PER_HEIGHT]]
+        images += [None] * (IMAGES_PER_HEIGHT - len(images))
+        images += [*samples[sample_levels == level][:IMAGES_PER_HEIGHT]]
+        for ax, image in zip(axes[row], images):
+            if image is not None:
+                ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.axis("off" if image is None else "on")
+        axes[row, 0].set_ylabel(f"h = {level:.2f}")
+    axes[0, 0].set_title("real test slices", loc="left")
+    axes[0, IMAGES_PER_HEIGHT].set_title("samples at that height", loc="left")
+    save_figure(fig, path)
+
+
 def write_figures(model, splits, vq_history, sampled, codes, statistics, metrics, args):
     if vq_history:
         plot_losses(vq_history, args.out / "loss_plot.png")
@@ -829,9 +946,13 @@ def write_figures(model, splits, vq_history, sampled, codes, statistics, metrics
                           reconstructions.numpy(),
                           evaluation.ssim(originals, reconstructions).numpy(),
                           args.out / "codebook_results.png")
-    sampled_codes, sampled_images = sampled
+    sampled_codes, sampled_images, sampled_heights = sampled
     plot_samples(sampled_codes[:SAMPLES_SHOWN], sampled_images[:SAMPLES_SHOWN],
                  args.out / "samples.png")
+    if sampled_heights is not None:
+        real = np.concatenate(list(splits.test.batch(256).as_numpy_iterator())) / PIXEL_MAX
+        plot_samples_by_slice(real, splits.heights("test"), sampled_images, sampled_heights,
+                              args.out / "samples_by_slice.png")
     plot_codebook_usage(evaluation.code_counts(codes["test"], args.K),
                         args.out / "codebook_usage.png")
     plot_realism(statistics, metrics["samples"]["anatomy"], args.out / "realism.png")
@@ -867,7 +988,7 @@ SETTINGS_FILE = "settings.json"
 MODEL_FLAGS = ("data", "image_size", "shift", "downsample", "K", "D", "beta", "quantizer",
                "ema_decay", "restart_threshold", "epochs", "batch_size", "learning_rate",
                "pcnn_type", "pcnn_epochs", "pcnn_learning_rate", "pcnn_filters", "pcnn_res_blocks",
-               "pcnn_dilation_cycle", "pcnn_layers", "seed")
+               "pcnn_dilation_cycle", "pcnn_layers", "condition", "seed")
 
 
 def model_settings(args):
@@ -880,7 +1001,8 @@ def trained_settings(args):
     settings_file = args.checkpoint_dir / SETTINGS_FILE
     if not settings_file.exists():
         return args
-    saved = json.loads(settings_file.read_text())
+    # models saved before --condition existed are unconditional
+    saved = {"condition": "none"} | json.loads(settings_file.read_text())
     trained = {flag: value for flag, value in saved.items()
                if flag in MODEL_FLAGS and flag != "data"}
     return argparse.Namespace(**(vars(args) | trained))
@@ -930,13 +1052,34 @@ def weights_fingerprint(model):
     return digest.hexdigest()
 
 
-def sample_images(models, args):
-    """Sampled code maps (N, h, w) and their decoded images in [0, 1] (N, H, W, 1)."""
+def slice_heights(splits, condition):
+    """{split: each image's relative height} for a conditional prior, {split: None} otherwise."""
+    return {split: splits.heights(split) if condition == "slice" else None
+            for split in SPLIT_FOLDERS}
+
+
+def sample_heights(requested, num_samples, top_slice):
+    """The relative height of each of num_samples samples: spread in order over the --slice
+    values (heights, or slice indices / top_slice), or evenly over [0, 1] without them."""
+    if requested is None:
+        return np.linspace(0.0, 1.0, num_samples, dtype="float32")
+    too_high = [value for value in requested if isinstance(value, int) and value > top_slice]
+    if too_high:
+        raise PipelineError(f"--slice {too_high[0]} is above the data's highest slice index, "
+                            f"{top_slice}")
+    heights = np.array([value / top_slice if isinstance(value, int) else value
+                        for value in requested], "float32")
+    return heights[np.arange(num_samples) * len(heights) // num_samples]
+
+
+def sample_images(models, heights, args):
+    """Sampled code maps (N, h, w) and their decoded images in [0, 1] (N, H, W, 1), drawn at
+    the relative heights given (None for an unconditional prior)."""
     model, prior = models
     grid = args.image_size // args.downsample
     started = time.perf_counter()
     codes = pixelcnn.sample_codes(prior, args.num_samples, (grid, grid), args.temperature,
-                                  args.seed)
+                                  args.seed, heights)
     images = evaluation.to_unit_range(model.decode_indices(codes), args.shift).numpy()
     print(f"Sampled {args.num_samples} code maps of {grid}x{grid} and decoded them in "
           f"{time.perf_counter() - started:.1f} s")
@@ -963,23 +1106,27 @@ def run(args):
     if own_folder and not (train_vq or train_pcnn):
         return finish_worker(own_folder)
     splits = load_splits(args.data, args.image_size, args.shift, args.batch_size, args.demo)
+    heights = slice_heights(splits, args.condition)
+    drawn_at = (sample_heights(args.slice, args.num_samples, splits.top_slice)
+                if args.condition == "slice" else None)
     model = trained("VQ-VAE", vq_checkpoints,
                     lambda: train_vqvae(splits, args, vq_checkpoints, strategy), train_vq)
     codes = {split: encode(model, splits.scaled(split)) for split in SPLIT_FOLDERS}
     prior = trained("PixelCNN", prior_checkpoints,
-                    lambda: train_prior(codes["train"], codes["validate"], args,
-                                        prior_checkpoints, strategy), train_pcnn)
+                    lambda: train_prior(codes, heights, args, prior_checkpoints, strategy),
+                    train_pcnn)
     if own_folder:
         return finish_worker(own_folder)
-    sampled_codes, sampled_images = sample_images((model, prior), args)
-    save_sample_pngs(sampled_images, args.out / "samples")
-    metrics, statistics = evaluate((model, prior), splits, sampled_images, codes, args)
+    sampled_codes, sampled_images = sample_images((model, prior), drawn_at, args)
+    save_sample_pngs(sampled_images, args.out / "samples", drawn_at)
+    sampled = (sampled_codes, sampled_images, drawn_at)
+    metrics, statistics = evaluate((model, prior), splits, sampled, codes, heights, args)
     save_json(metrics, args.out / "metrics.json")
     save_json(vars(args) | {"data": str(args.data), "out": str(args.out),
                             "checkpoint_dir": str(args.checkpoint_dir)},
               args.out / "run_settings.json")
     write_figures(model, splits, by_metric(read_epochs(vq_checkpoints.history)),
-                  (sampled_codes, sampled_images), codes, statistics, metrics, args)
+                  sampled, codes, statistics, metrics, args)
     print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {args.out}/")
     print(f"Models: {vq_checkpoints.keras_file}, {prior_checkpoints.keras_file}")

@@ -22,6 +22,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+import pixelcnn
+
 # PSNR of identical images would be infinite: the MSE is floored here (caps PSNR at 100 dB).
 MSE_FLOOR = 1e-10
 
@@ -48,6 +50,8 @@ FEATURE_GRID = 16
 GRADIENT_BINS = 16
 SPECTRUM_BANDS = 12
 MIN_IMAGES_PER_SET = 2 * C2ST_FOLDS
+# Relative heights in [0, 1] split into equal bands, each tested for realism on its own.
+HEIGHT_BANDS = ("low", "middle", "high")
 # Nearest-neighbour SSIM looks for the nearest training images by pixel distance at this size,
 # then scores the closest few by SSIM at full size.
 NEIGHBOUR_SEARCH_SIZE = 32
@@ -130,11 +134,14 @@ def brain_codebook_perplexity(codes, images, num_embeddings):
     return float(2 ** entropy_bits(code_counts(codes[brain], num_embeddings)))
 
 
-def prior_nll_bits(prior, codes, batch_size):
-    """Mean negative log-likelihood per code, in bits, of code maps under the prior."""
+def prior_nll_bits(prior, codes, batch_size, heights=None):
+    """Mean negative log-likelihood per code, in bits, of code maps under the prior: -log2 p(c),
+    or -log2 p(c | h) for a conditional prior given the maps' relative heights h."""
     total, count = 0.0, 0
-    for batch in tf.data.Dataset.from_tensor_slices(codes).batch(batch_size):
-        logits = prior(batch, training=False)
+    inputs = codes if heights is None else (codes, heights)
+    for batch in tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size):
+        batch, batch_heights = batch if heights is not None else (batch, None)
+        logits = prior(pixelcnn.prior_inputs(prior, batch, batch_heights), training=False)
         nll = keras.losses.sparse_categorical_crossentropy(batch, logits, from_logits=True)
         total += float(tf.reduce_sum(nll))
         count += int(tf.size(nll))
@@ -369,6 +376,54 @@ def realism(reference, other, seed):
     accuracy, stderr = two_sample_test(reference["features"], other["features"], seed)
     return {"c2st_accuracy": accuracy, "c2st_stderr": stderr,
             "anatomy": anatomy_distances(reference["statistics"], other["statistics"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples at a height: a conditional prior's samples against the real slices at their heights
+
+
+def height_band(heights):
+    """The index into HEIGHT_BANDS of each relative height in [0, 1]."""
+    bands = len(HEIGHT_BANDS)
+    return np.minimum((np.asarray(heights) * bands).astype(int), bands - 1)
+
+
+def realism_by_band(real, real_heights, samples, sample_heights, seed):
+    """`realism` of the samples against the real slices in each height band that holds at least
+    MIN_IMAGES_PER_SET of both, with the counts: {band: {...}}. Images in [0, 1]."""
+    results = {}
+    real_bands, sample_bands = height_band(real_heights), height_band(sample_heights)
+    for band, name in enumerate(HEIGHT_BANDS):
+        real_in, samples_in = real[real_bands == band], samples[sample_bands == band]
+        if min(len(real_in), len(samples_in)) < MIN_IMAGES_PER_SET:
+            continue
+        results[name] = {"n_real": len(real_in), "n_samples": len(samples_in),
+                         **realism(realism_summary(real_in), realism_summary(samples_in), seed)}
+    return results
+
+
+def nearest_height(heights, levels):
+    """Each height replaced by the nearest of `levels` (the data set's slice heights)."""
+    levels = np.asarray(levels)
+    return levels[np.abs(np.asarray(heights)[:, None] - levels[None]).argmin(axis=1)]
+
+
+def brain_area_by_height(real_areas, real_heights, sample_areas, sample_heights):
+    """The mean brain area of the real slices and of the samples at each of the real slices'
+    heights (samples count at the nearest), over the heights both have, and the two curves'
+    Pearson correlation: 1 when the samples' size follows the real slices' from bottom to top.
+
+    Returns {"correlation": r, "by_height": {"0.43": {"real": .., "samples": ..}, ..}}.
+    """
+    levels = np.unique(real_heights)
+    sample_levels = nearest_height(sample_heights, levels)
+    shared = [level for level in levels if (sample_levels == level).any()]
+    real = np.array([real_areas[real_heights == level].mean() for level in shared])
+    drawn = np.array([sample_areas[sample_levels == level].mean() for level in shared])
+    correlation = float(np.corrcoef(real, drawn)[0, 1]) if len(shared) > 1 else math.nan
+    return {"correlation": correlation,
+            "by_height": {f"{level:.2f}": {"real": float(a), "samples": float(b)}
+                          for level, a, b in zip(shared, real, drawn)}}
 
 
 # ---------------------------------------------------------------------------------------------

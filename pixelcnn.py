@@ -11,6 +11,9 @@ architectures share one interface, integer code maps (B, h, w) -> logits (B, h, 
 
 Either may dilate its blocks' masked convolutions in cycles 1, 2, 4, .. (as WaveNet does), so that
 a few blocks see a whole code map.
+
+The gated prior may also be conditioned on each slice's relative height h in [0, 1] (section 2.3 of
+the paper): it then models p(c | h), and takes (codes, heights) -> logits.
 """
 
 import collections
@@ -26,6 +29,9 @@ PACKAGE = "brain_pixelcnn"
 # The first layer sees a 7x7 neighbourhood (the paper's and the seed's choice); later ones 3x3.
 FIRST_KERNEL = 7
 BLOCK_KERNEL = 3
+# The height embedding interpolates between learned vectors at this many evenly spaced heights:
+# the demo's 8 heights per case each get their own, OASIS's 32 share them with their neighbours.
+HEIGHT_KNOTS = 8
 
 
 def causal_mask(kernel_height, kernel_width, mask_type):
@@ -179,6 +185,53 @@ class GatedActivation(layers.Layer):
         return ops.tanh(features) * ops.sigmoid(gates)
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class HeightEmbedding(layers.Layer):
+    """Relative heights (B,) in [0, 1] -> learned vectors (B, filters): the linear interpolation
+    between `knots` learned vectors at evenly spaced heights, so that nearby heights share what
+    they learn and every height in [0, 1] has a vector.
+
+    Args:
+        filters: size of each vector.
+        knots: how many learned vectors, at heights 0, 1 / (knots - 1), .., 1.
+    """
+
+    def __init__(self, filters, knots, **kwargs):
+        super().__init__(**kwargs)
+        if knots < 2:
+            raise ValueError(f"knots must be at least 2, got {knots!r}")
+        self.filters = filters
+        self.knots = knots
+
+    def build(self, input_shape):
+        self.vectors = self.add_weight(name="vectors", shape=(self.knots, self.filters),
+                                       initializer="random_normal")
+
+    def call(self, heights):
+        position = ops.clip(ops.cast(heights, self.compute_dtype), 0.0, 1.0) * (self.knots - 1)
+        below = ops.minimum(ops.floor(position), self.knots - 2)  # height 1 uses the last pair
+        weight = (position - below)[:, None]  # (B, 1): the share of the knot above
+        below = ops.cast(below, "int32")
+        return ((1.0 - weight) * ops.take(self.vectors, below, axis=0)
+                + weight * ops.take(self.vectors, below + 1, axis=0))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(filters=self.filters, knots=self.knots)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AddCondition(layers.Layer):
+    """x (B, h, w, C) + V^T h (B, C) at every position: the conditioning term of eq. 4. The same
+    at every position, so it changes neither causality nor the receptive field."""
+
+    rows_above, columns_left, columns_right = 0, 0, 0
+
+    def call(self, x, condition):
+        return x + ops.cast(condition, x.dtype)[:, None, None, :]
+
+
 def block_dilations(residual_blocks, dilation_cycle):
     """Dilation of each block after the first masked layer: 1, 2, 4, .. 2 ** (dilation_cycle - 1),
     then 1 again (WaveNet's cycle), so that the reach grows exponentially with depth. A block's
@@ -212,13 +265,29 @@ def gated_layers(residual_blocks, dilation_cycle):
     ]
 
 
-def vertical_stack(filters, residual_blocks, dilation_cycle):
-    """The gated PixelCNN's vertical stack (fig. 2 of the paper): embedded codes -> one map per
-    gated layer, added into the horizontal stack, whose row i describes only the rows above i.
+def conditioned(x, condition, name):
+    """x + V^T h before a gate (eq. 4 of the paper), or x itself when the prior is not
+    conditional (condition None)."""
+    if condition is None:
+        return x
+    projected = layers.Dense(x.shape[-1], name=f"{name}_condition")(condition)
+    return AddCondition(name=f"{name}_conditioned")(x, projected)
+
+
+def condition_input(filters, conditional, name):
+    """The embedded heights (B, filters) a conditional stack takes as its last input, or None."""
+    return keras.Input(shape=(filters,), name=name) if conditional else None
+
+
+def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
+    """The gated PixelCNN's vertical stack (fig. 2 of the paper): embedded codes (and, when
+    conditional, embedded heights) -> one map per gated layer, added into the horizontal stack,
+    whose row i describes only the rows above i.
 
     A model of its own, so that the sampler runs it once per row rather than once per code.
     """
     embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
+    condition = condition_input(filters, conditional, "vertical_condition_input")
     vertical, links = embedded, []
     for layer, (kernel, dilation) in enumerate(gated_layers(residual_blocks, dilation_cycle)):
         name = f"gated{layer}"
@@ -226,22 +295,27 @@ def vertical_stack(filters, residual_blocks, dilation_cycle):
         shifted = ShiftDown(name=f"{name}_shift")(pre)  # row i now sees rows < i only
         links.append(layers.Conv2D(2 * filters, 1, name=f"{name}_v_to_h")(shifted))
         if layer < residual_blocks:  # the last layer's vertical output would feed nothing
-            vertical = GatedActivation(name=f"{name}_vertical_gate")(pre)
-    return keras.Model(embedded, links, name="vertical_stack")
+            vertical = GatedActivation(name=f"{name}_vertical_gate")(
+                conditioned(pre, condition, f"{name}_vertical"))
+    inputs = [embedded] if condition is None else [embedded, condition]
+    return keras.Model(inputs, links, name="vertical_stack")
 
 
-def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, dilation_cycle):
-    """The horizontal stack and the output layers: the embedded codes and the vertical stack's
-    maps -> logits (B, h, w, K). A position reads only its own row, at and left of itself
-    (its own code never: the first layer's mask is A), plus the vertical maps.
+def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, dilation_cycle,
+                     conditional=False):
+    """The horizontal stack and the output layers: the embedded codes, the vertical stack's
+    maps (and, when conditional, the embedded heights) -> logits (B, h, w, K). A position reads
+    only its own row, at and left of itself (its own code never: the first layer's mask is A),
+    plus the vertical maps.
 
-    Each gated layer computes tanh(W_f * x) * sigmoid(W_g * x) (eq. 2 of the paper) on the sum of
-    its masked 1xk convolution and the vertical map, then a 1x1 skip output and, after the
-    first, a residual connection.
+    Each gated layer computes tanh(W_f * x + V_f^T h) * sigmoid(W_g * x + V_g^T h) (eq. 2, or
+    eq. 4 when conditional) on the sum of its masked 1xk convolution and the vertical map, then a
+    1x1 skip output and, after the first, a residual connection.
     """
     embedded = keras.Input(shape=(None, None, filters), name="horizontal_input")
     links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
              for layer in range(residual_blocks + 1)]
+    condition = condition_input(filters, conditional, "horizontal_condition_input")
     horizontal, skips = embedded, []
     for layer, ((kernel, dilation), link) in enumerate(
         zip(gated_layers(residual_blocks, dilation_cycle), links)
@@ -250,9 +324,8 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
         pre = MaskedConv2D(
             2 * filters, (1, kernel), "B" if layer else "A", dilation, name=f"{name}_horizontal"
         )(horizontal)
-        gated = GatedActivation(name=f"{name}_horizontal_gate")(
-            layers.Add(name=f"{name}_link")([pre, link])
-        )
+        gated = GatedActivation(name=f"{name}_horizontal_gate")(conditioned(
+            layers.Add(name=f"{name}_link")([pre, link]), condition, f"{name}_horizontal"))
         skips.append(layers.Conv2D(filters, 1, name=f"{name}_skip")(gated))
         if layer < residual_blocks:
             residual = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
@@ -260,7 +333,8 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
             horizontal = layers.Add(name=f"{name}_add")([horizontal, residual]) if layer else residual
     x = layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
     logits = output_head(x, num_embeddings, filters, output_layers)
-    return keras.Model([embedded, *links], logits, name="horizontal_stack")
+    inputs = [embedded, *links] + ([] if condition is None else [condition])
+    return keras.Model(inputs, logits, name="horizontal_stack")
 
 
 def output_head(x, num_embeddings, filters, output_layers):
@@ -273,12 +347,14 @@ def output_head(x, num_embeddings, filters, output_layers):
 
 
 KINDS = ("gated", "plain")
+CONDITIONS = ("none", "slice")
 
 
 def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind,
-                   dilation_cycle):
-    """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K). driver.py's flags hold the
-    defaults.
+                   dilation_cycle, condition="none"):
+    """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K), or, conditioned on the
+    slice's height, [code maps, relative heights (B,) in [0, 1]] -> logits. driver.py's flags
+    hold the defaults.
 
     Args:
         num_embeddings: K, the number of codes.
@@ -289,27 +365,58 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         dilation_cycle: block i's masked convolutions are dilated by 2 ** (i % dilation_cycle),
             so that the reach grows exponentially with the blocks, not linearly (see
             `block_dilations`); 1 dilates nothing.
+        condition: "none", or "slice": a learned embedding of the height is added before every
+            gate of both stacks (eq. 4 of the paper); gated priors only.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if dilation_cycle < 1:
         raise ValueError(f"dilation_cycle must be at least 1, got {dilation_cycle!r}")
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    if condition != "none" and kind != "gated":
+        raise ValueError(f"condition {condition!r} needs the gated prior, got kind {kind!r}")
     codes = keras.Input(shape=(None, None), dtype="int32", name="codes")
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
     # one-hot tensor.
     embedded = layers.Embedding(num_embeddings, filters, name="embedding")(codes)
+    if condition == "slice":
+        heights = keras.Input(shape=(), name="heights")
+        conditions = [HeightEmbedding(filters, HEIGHT_KNOTS, name="height_embedding")(heights)]
+    else:
+        heights, conditions = None, []
+    conditional = heights is not None
     if kind == "gated":
-        vertical = vertical_stack(filters, residual_blocks, dilation_cycle)
-        links = keras.tree.flatten(vertical(embedded))
+        vertical = vertical_stack(filters, residual_blocks, dilation_cycle, conditional)
+        links = keras.tree.flatten(vertical([embedded, *conditions]))
         logits = horizontal_stack(
-            num_embeddings, filters, residual_blocks, output_layers, dilation_cycle
-        )([embedded, *links])
+            num_embeddings, filters, residual_blocks, output_layers, dilation_cycle, conditional
+        )([embedded, *links, *conditions])
     else:
         logits = output_head(
             plain_stack(embedded, filters, residual_blocks, dilation_cycle), num_embeddings,
             filters, output_layers,
         )
-    return keras.Model(codes, logits, name=f"{kind}_pixelcnn")
+    inputs = [codes, heights] if conditional else codes
+    return keras.Model(inputs, logits, name=f"{kind}_pixelcnn")
+
+
+def is_conditional(prior):
+    """Whether a prior from `build_pixelcnn` takes the slices' heights beside the codes."""
+    return any(layer.name == "height_embedding" for layer in prior.layers)
+
+
+def check_heights(prior, heights):
+    """Refuses heights for an unconditional prior, and a conditional prior without them."""
+    if is_conditional(prior) != (heights is not None):
+        raise ValueError("a conditional prior needs the heights, an unconditional one takes none"
+                         f" ({prior.name}, heights {'given' if heights is not None else 'None'})")
+
+
+def prior_inputs(prior, codes, heights):
+    """What `prior` takes: the codes, or [codes, heights] when it is conditional."""
+    check_heights(prior, heights)
+    return [codes, heights] if heights is not None else codes
 
 
 Reach = collections.namedtuple("Reach", ["rows_above", "columns_left", "columns_right"])
@@ -328,7 +435,7 @@ def _input_layer_names(inbound_nodes):
 
 # Layers that compute each position from that position alone.
 POINTWISE_LAYERS = (layers.InputLayer, layers.Embedding, layers.ReLU, layers.Activation,
-                    layers.Add, GatedActivation)
+                    layers.Add, layers.Dense, GatedActivation, HeightEmbedding)
 
 
 def layer_reach(layer):
@@ -388,19 +495,24 @@ class _WindowedSteps:
     a code carry is only the top row of the window."""
 
     def __init__(self, prior, grid_shape):
+        if is_conditional(prior):
+            raise ValueError(f"{prior.name}: the windowed sampler takes no heights")
         self.prior = prior
         self.height, self.width = grid_shape
         self.reach = receptive_field(prior)
         self.rows = min(self.height, self.reach.rows_above + 1)
         self.columns = min(self.width, self.reach.columns_left + self.reach.columns_right + 1)
 
+    def conditions(self, heights):
+        return {}
+
     def begin_map(self, codes):
         return tf.zeros((), tf.int32)
 
-    def start_row(self, codes, row, map_state):
+    def start_row(self, codes, row, map_state, conditions):
         return tf.clip_by_value(row - self.rows + 1, 0, self.height - self.rows)
 
-    def logits_at(self, codes, row, col, top):
+    def logits_at(self, codes, row, col, top, conditions):
         left = tf.clip_by_value(col - self.reach.columns_left, 0, self.width - self.columns)
         context = codes[:, top : top + self.rows, left : left + self.columns]  # (B, rows, cols)
         return self.prior(context, training=False)[:, row - top, col - left], top  # (B, K)
@@ -408,13 +520,28 @@ class _WindowedSteps:
     def after_draw(self, top, col, values):
         return top  # the next window reads the drawn code from the map
 
-    def end_row(self, codes, row, map_state):
+    def end_row(self, codes, row, map_state, conditions):
         return map_state
 
 
+def _call_arguments(inbound_nodes):
+    """A layer's positional arguments as its model calls it, with the names of the layers whose
+    outputs they are in place of tensors (an Add takes one list, AddCondition two tensors)."""
+
+    def named(argument):
+        if isinstance(argument, dict) and argument.get("class_name") == "__keras_tensor__":
+            return argument["config"]["keras_history"][0]
+        if isinstance(argument, (list, tuple)):
+            return [named(item) for item in argument]
+        return argument
+
+    return [named(argument) for argument in inbound_nodes[0]["args"]] if inbound_nodes else []
+
+
 def _layer_steps(model):
-    """A model's layers in topological order, each with the names of the layers it reads."""
-    return [(model.get_layer(config["name"]), _input_layer_names(config["inbound_nodes"]))
+    """A model's layers in topological order, each with its call's arguments (see
+    `_call_arguments`)."""
+    return [(model.get_layer(config["name"]), _call_arguments(config["inbound_nodes"]))
             for config in model.get_config()["layers"]]
 
 
@@ -432,16 +559,15 @@ def _run_at(steps, values, method, earlier):
     A layer that reads other positions has `method` (at_row or at_column), which asks
     earlier(source, n) for its input n positions back, or takes values[source] for n = 0; every
     other layer must be pointwise."""
-    for layer, sources in steps:
+    for layer, arguments in steps:
         if isinstance(layer, layers.InputLayer):
             continue
         if hasattr(layer, method):
-            source = sources[0]
+            (source,) = arguments
             values[layer.name] = getattr(layer, method)(
                 lambda n, source=source: values[source] if n == 0 else earlier(source, n))
         elif layer_reach(layer) == Reach(0, 0, 0):  # layer_reach refuses what it cannot measure
-            inputs = [values[source] for source in sources]
-            values[layer.name] = layer(inputs if len(inputs) > 1 else inputs[0], training=False)
+            values[layer.name] = layer(*keras.tree.map_structure(values.get, arguments))
         else:
             raise ValueError(f"the sampler runs {layer.name!r} at one position at a time, but "
                              "it reads other positions and has no " + method)
@@ -452,9 +578,10 @@ def _reads_back(steps, method, reach):
     """{source layer name: how many positions back its readers reach} for the layers whose
     outputs a layer with `method` reads at earlier positions."""
     back = {}
-    for layer, sources in steps:
+    for layer, arguments in steps:
         if hasattr(layer, method):
-            back[sources[0]] = max(back.get(sources[0], 0), reach(layer))
+            (source,) = arguments
+            back[source] = max(back.get(source, 0), reach(layer))
     return back
 
 
@@ -477,9 +604,15 @@ class _GatedSteps:
         self.horizontal = prior.get_layer("horizontal_stack")
         self.vertical_steps = _layer_steps(self.vertical)
         self.horizontal_steps = _layer_steps(self.horizontal)
-        (self.vertical_input,) = _input_names(self.vertical)
-        self.embedded_input, *self.link_inputs = _input_names(self.horizontal)
         self.links = _output_names(self.vertical)
+        # a conditional prior's embedded heights are each stack's last input
+        self.vertical_input, *vertical_condition = _input_names(self.vertical)
+        self.embedded_input, *self.link_inputs = _input_names(self.horizontal)
+        self.link_inputs, horizontal_condition = (self.link_inputs[: len(self.links)],
+                                                  self.link_inputs[len(self.links) :])
+        self.condition_inputs = vertical_condition + horizontal_condition
+        self.height_embedding = (prior.get_layer("height_embedding")
+                                 if is_conditional(prior) else None)
         (self.logits,) = _output_names(self.horizontal)
         self.rows_back = _reads_back(self.vertical_steps, "at_row", lambda l: l.rows_above)
         self.columns_back = _reads_back(self.horizontal_steps, "at_column",
@@ -489,6 +622,13 @@ class _GatedSteps:
     def channels(self, model, name):
         return model.get_layer(name).output.shape[-1]
 
+    def conditions(self, heights):
+        """The stacks' condition inputs, by name: the embedded heights (B, F), or none."""
+        if self.height_embedding is None:
+            return {}
+        embedded = self.height_embedding(heights)
+        return {name: embedded for name in self.condition_inputs}
+
     def begin_map(self, codes):
         """For each vertical layer a later row reads: its outputs at the rows above (zeros
         above the map), (B, rows back, w, C)."""
@@ -496,17 +636,18 @@ class _GatedSteps:
         return {name: tf.zeros((batch, back, self.width, self.channels(self.vertical, name)))
                 for name, back in self.rows_back.items()}
 
-    def vertical_row(self, codes, row, above):
+    def vertical_row(self, codes, row, above, conditions):
         """The vertical stack's outputs at `row`, from the codes there."""
-        values = {self.vertical_input: self.embedding(codes[:, row : row + 1])}  # (B, 1, w, F)
+        values = {self.vertical_input: self.embedding(codes[:, row : row + 1]),  # (B, 1, w, F)
+                  **conditions}
         return _run_at(self.vertical_steps, values, "at_row",
                        lambda source, n: above[source][:, -n, None])
 
-    def start_row(self, codes, row, above):
+    def start_row(self, codes, row, above, conditions):
         """The vertical stack's links into this row, (B, w, 2F) each, which read only rows
         above it (so the row's undrawn codes, still 0, do not matter); and for each horizontal
         layer a later code reads, an array of its outputs at the row's columns."""
-        values = self.vertical_row(codes, row, above)
+        values = self.vertical_row(codes, row, above, conditions)
         links = [values[name][:, 0] for name in self.links]
         batch = tf.shape(codes)[0]
         history = {}
@@ -519,10 +660,11 @@ class _GatedSteps:
             history[name] = array
         return {"links": links, "history": history}
 
-    def logits_at(self, codes, row, col, state):
+    def logits_at(self, codes, row, col, state, conditions):
         history = state["history"]
         values = {name: link[:, col, None, None]
                   for name, link in zip(self.link_inputs, state["links"])}
+        values.update(conditions)
         # The code at col is not drawn yet: zeros stand in, which the first layer's mask A
         # never reads.
         values[self.embedded_input] = tf.zeros(
@@ -540,16 +682,16 @@ class _GatedSteps:
             col + self.pad, self.embedding(values)[:, None, None])
         return {**state, "history": history}
 
-    def end_row(self, codes, row, above):
+    def end_row(self, codes, row, above, conditions):
         """The finished row's vertical outputs join the rows above."""
-        values = self.vertical_row(codes, row, above)
+        values = self.vertical_row(codes, row, above, conditions)
         # (the shape restated: the loop that carries it needs the window's height fixed)
         return {name: tf.ensure_shape(ops.concatenate([rows[:, 1:], values[name]], axis=1),
                                       rows.shape)
                 for name, rows in above.items()}
 
 
-def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
+def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, heights=None):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
@@ -562,54 +704,64 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0):
         grid_shape: (h, w) of the code maps.
         temperature: divides the logits; below 1 sharpens, above 1 flattens the distribution.
         seed: integer; the same seed gives the same samples.
+        heights: a conditional prior's relative heights in [0, 1], one per sample (None for an
+            unconditional prior).
 
     Returns:
         int32 tensor (num_samples, h, w).
     """
-    return code_sampler(prior, grid_shape)(num_samples, temperature, seed)
+    return code_sampler(prior, grid_shape)(num_samples, temperature, seed, heights)
 
 
 def code_sampler(prior, grid_shape):
-    """`sample_codes` for one prior and grid, compiled once: (num_samples, temperature, seed)
-    -> int32 code maps (num_samples, h, w)."""
+    """`sample_codes` for one prior and grid, compiled once: (num_samples, temperature, seed,
+    heights) -> int32 code maps (num_samples, h, w)."""
     height, width = grid_shape
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
     steps = (_GatedSteps if is_gated else _WindowedSteps)(prior, grid_shape)
 
     @tf.function
-    def sample_all(num_samples, temperature, seed):
+    def sample_all(num_samples, temperature, seed, heights):
         codes = tf.zeros((num_samples, height, width), tf.int32)
+        conditions = steps.conditions(heights)
         above = steps.begin_map(codes)
         for row in tf.range(height):
-            state = steps.start_row(codes, row, above)
+            state = steps.start_row(codes, row, above, conditions)
             for col in tf.range(width):
-                logits, state = steps.logits_at(codes, row, col, state)
+                logits, state = steps.logits_at(codes, row, col, state, conditions)
                 values = draw_codes(logits, temperature, seed, row * width + col)
                 codes = _write_codes(codes, row, col, values)
                 state = steps.after_draw(state, col, values)
-            above = steps.end_row(codes, row, above)
+            above = steps.end_row(codes, row, above, conditions)
         return codes
 
-    def sample(num_samples, temperature=1.0, seed=0):
+    def sample(num_samples, temperature=1.0, seed=0, heights=None):
+        check_heights(prior, heights)
+        # an unconditional prior's functions ignore the heights: zeros keep one signature
+        heights = tf.zeros([num_samples]) if heights is None else heights
+        heights = tf.reshape(tf.cast(heights, tf.float32), [num_samples])
         # tensors, so that other values reuse the compiled graph
         return sample_all(tf.constant(num_samples, tf.int32),
-                          tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32))
+                          tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32),
+                          heights)
 
     return sample
 
 
-def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0, num_codes=None):
+def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0, num_codes=None,
+                       heights=None):
     """The reference sampler: one `predict` on the whole map per code, as in the seed.
 
-    Draws the same codes as `sample_codes` for the same seed; kept to test and benchmark it.
-    `num_codes` draws only the first codes in raster order and leaves the rest 0, so that a
-    benchmark can time a few and extrapolate (default: all).
+    Draws the same codes as `sample_codes` for the same seed and heights; kept to test and
+    benchmark it. `num_codes` draws only the first codes in raster order and leaves the rest 0,
+    so that a benchmark can time a few and extrapolate (default: all).
     """
     height, width = grid_shape
     codes = np.zeros((num_samples, height, width), dtype="int32")
+    heights = None if heights is None else np.asarray(heights, "float32").reshape(num_samples)
     for step in range(height * width if num_codes is None else num_codes):
         row, col = divmod(step, width)
-        logits = prior.predict(codes, verbose=0)[:, row, col]
+        logits = prior.predict(prior_inputs(prior, codes, heights), verbose=0)[:, row, col]
         codes[:, row, col] = draw_codes(logits, temperature, tf.constant(seed),
                                         tf.constant(step, tf.int32))
     return tf.constant(codes)

@@ -14,9 +14,10 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# Unconditional: the tiny splits name every slice slice_0, one height.
 TINY_RUN = ["--image-size", "32", "--downsample", "4", "--epochs", "1", "--pcnn-epochs", "1",
             "--K", "16", "--D", "4", "--batch_size", "8", "--pcnn-filters", "16",
-            "--pcnn-res-blocks", "2", "--num-samples", "10"]
+            "--pcnn-res-blocks", "2", "--num-samples", "10", "--condition", "none"]
 
 # The scaled pixel range at the default --shift of 0.5.
 PIXEL_RANGE = (-0.5, 0.5)
@@ -33,14 +34,18 @@ def brain_like_image(rng, size):
     return (brain * rng.uniform(150, 250) * ~ventricle).astype(np.uint8)
 
 
-def write_split_folders(root, sizes=SPLIT_SIZES, image_size=TINY_SIZE, seed=0):
+def write_split_folders(root, sizes=SPLIT_SIZES, image_size=TINY_SIZE, seed=0,
+                        slices_per_case=1):
+    """Tiny splits in the OASIS layout, named case_<case>_slice_<n>.nii.png with n counting
+    0 .. slices_per_case - 1 in each case."""
     rng = np.random.default_rng(seed)
     for split, count in sizes.items():
         folder = root / f"keras_png_slices_{split}"
         folder.mkdir(parents=True, exist_ok=True)
-        for case in range(count):
+        for image_number in range(count):
+            case, index = divmod(image_number, slices_per_case)
             image = Image.fromarray(brain_like_image(rng, image_size))
-            image.save(folder / f"case_{case:03d}_slice_0.nii.png")
+            image.save(folder / f"case_{case:03d}_slice_{index}.nii.png")
     return root
 
 

@@ -22,7 +22,8 @@ def test_help_lists_every_flag():
                  "--shift", "--pcnn-epochs", "--pcnn-learning-rate", "--pcnn-filters",
                  "--pcnn-res-blocks", "--pcnn-layers", "--out", "--checkpoint-dir",
                  "--image-size", "--seed", "--demo", "--evaluate", "--fresh", "--num-samples",
-                 "--temperature", "--pcnn-type", "--strategy", "--mixed-precision"):
+                 "--temperature", "--pcnn-type", "--strategy", "--mixed-precision", "--condition",
+                 "--slice"):
         assert flag in result.stdout, flag
 
 

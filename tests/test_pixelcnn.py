@@ -15,10 +15,15 @@ GRID = (6, 7)
 PRIORS = [(kind, cycle) for cycle in (1, 2) for kind in KINDS]
 
 
-def random_prior(kind, seed=0, residual_blocks=2, dilation_cycle=1):
+# Heights of a conditional prior's tests: the ends, a knot and between knots.
+HEIGHTS = np.array([0.0, 0.37, 3 / 7, 1.0], "float32")
+
+
+def random_prior(kind, seed=0, residual_blocks=2, dilation_cycle=1, condition="none"):
     keras.utils.set_random_seed(seed)
     prior = pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=residual_blocks,
-                                    output_layers=1, kind=kind, dilation_cycle=dilation_cycle)
+                                    output_layers=1, kind=kind, dilation_cycle=dilation_cycle,
+                                    condition=condition)
     # random biases too, so that no layer's output is trivially zero
     for weight in prior.weights:
         if "bias" in weight.path:
@@ -250,3 +255,80 @@ def test_build_refuses_an_unknown_kind_or_dilation():
         pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=0)
     with pytest.raises(ValueError, match="dilation_rate"):
         pixelcnn.MaskedConv2D(4, 3, "B", dilation_rate=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The slice-conditional prior
+
+
+def test_height_embedding_interpolates_between_its_knots():
+    embedding = pixelcnn.HeightEmbedding(3, knots=8)
+    vectors = embedding(np.array([0.0, 2 / 7, 2.5 / 7, 1.0], "float32")).numpy()
+    knots = embedding.vectors.numpy()
+    np.testing.assert_allclose(vectors[[0, 1, 3]], knots[[0, 2, 7]], atol=1e-6)
+    np.testing.assert_allclose(vectors[2], (knots[2] + knots[3]) / 2, atol=1e-6)
+
+
+def test_the_height_reaches_the_logits():
+    prior = random_prior("gated", condition="slice")
+    codes = np.random.default_rng(5).integers(0, K, size=(1, *GRID)).repeat(len(HEIGHTS), 0)
+    logits = prior([codes, HEIGHTS]).numpy()
+    for low, high in zip(logits[:-1], logits[1:]):
+        assert moved(high, low).all()  # every position, the first code's too
+
+
+def test_conditional_logits_never_depend_on_the_same_or_later_codes():
+    """Causality holds for every height: one map per height, all perturbed at once."""
+    prior = random_prior("gated", dilation_cycle=2, condition="slice")
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, K, size=(1, *GRID)).repeat(len(HEIGHTS), 0)
+    base = prior([codes, HEIGHTS]).numpy()
+    position = np.arange(np.prod(GRID)).reshape(GRID)
+    for here, (row, col) in enumerate(np.ndindex(*GRID)):
+        changed = codes.copy()
+        changed[:, row, col] = (codes[:, row, col] + 1) % K
+        changes = moved(prior([changed, HEIGHTS]).numpy(), base)  # (heights, h, w)
+        assert not changes[:, position <= here].any(), (row, col)
+        assert changes[:, position == here + 1].all() or here + 1 == position.size, (row, col)
+
+
+def test_conditioning_keeps_the_receptive_field():
+    for stack in ("vertical_stack", "horizontal_stack"):
+        reaches = [pixelcnn.receptive_field(random_prior("gated", dilation_cycle=2,
+                                                         condition=condition).get_layer(stack))
+                   for condition in pixelcnn.CONDITIONS]
+        assert reaches[0] == reaches[1], stack
+
+
+def test_fast_sampler_draws_what_the_naive_loop_draws_at_each_height():
+    prior = random_prior("gated", dilation_cycle=2, condition="slice")
+    reach = pixelcnn.receptive_field(prior.get_layer("vertical_stack"))
+    grid = (reach.rows_above + 3, reach.columns_left + 3)  # larger than the windows
+    fast = pixelcnn.sample_codes(prior, len(HEIGHTS), grid, seed=7, heights=HEIGHTS).numpy()
+    naive = pixelcnn.sample_codes_naive(prior, len(HEIGHTS), grid, seed=7,
+                                        heights=HEIGHTS).numpy()
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_sampler_refuses_missing_or_unexpected_heights():
+    with pytest.raises(ValueError, match="heights"):
+        pixelcnn.sample_codes(random_prior("gated", condition="slice"), 2, GRID)
+    with pytest.raises(ValueError, match="heights"):
+        pixelcnn.sample_codes(random_prior("gated"), 2, GRID, heights=[0.5, 0.5])
+
+
+def test_conditional_save_load_round_trip(tmp_path):
+    prior = random_prior("gated", dilation_cycle=2, condition="slice")
+    codes = np.random.default_rng(3).integers(0, K, size=(len(HEIGHTS), *GRID))
+    prior.save(tmp_path / "prior.keras")
+    loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
+    np.testing.assert_array_equal(prior([codes, HEIGHTS]).numpy(),
+                                  loaded([codes, HEIGHTS]).numpy())
+    assert pixelcnn.is_conditional(loaded)
+
+
+def test_build_refuses_an_unknown_or_plain_condition():
+    with pytest.raises(ValueError, match="condition"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=1, condition="slcie")
+    with pytest.raises(ValueError, match="gated"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="plain", dilation_cycle=1, condition="slice")
