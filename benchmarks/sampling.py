@@ -34,7 +34,8 @@ def parse_args():
                         metavar=("K", "FILTERS", "BLOCKS", "CYCLE"),
                         help="time a gated prior with random weights instead of --checkpoint: K "
                              "codes, FILTERS channels, BLOCKS gated blocks dilated by "
-                             "2 ** (block %% CYCLE), driver.py's default output layers "
+                             "2 ** (block %% CYCLE), driver.py's default output layers and "
+                             "--condition "
                              "(default: off)")
     parser.add_argument("--batch", type=int, default=16, help="maps sampled at once (default: 16)")
     parser.add_argument("--grid", type=int, default=driver.DEMO_DEFAULTS["image_size"]
@@ -53,11 +54,13 @@ def load_prior(args):
     if args.random_prior:
         num_embeddings, filters, blocks, cycle = args.random_prior
         keras.utils.set_random_seed(args.seed)
-        output_layers = driver.build_parser().get_default("pcnn_layers")
-        prior = pixelcnn.build_pixelcnn(num_embeddings, filters, blocks, output_layers, "gated",
-                                        dilation_cycle=cycle)
+        defaults = driver.build_parser()
+        condition = defaults.get_default("condition")
+        prior = pixelcnn.build_pixelcnn(num_embeddings, filters, blocks,
+                                        defaults.get_default("pcnn_layers"), "gated",
+                                        dilation_cycle=cycle, condition=condition)
         return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
-                       f"dilation cycle {cycle}")
+                       f"dilation cycle {cycle}, condition {condition}")
     if not args.checkpoint.exists():
         sys.exit(f"sampling.py: error: no prior at {args.checkpoint}; run python driver.py --demo "
                  "first, or pass --checkpoint or --random-prior")
