@@ -370,6 +370,7 @@ def run_in_subprocess(job):
                            capture_output=True, text=True)
     if child.returncode != 0:
         sys.exit(f"{child.stderr}\ntraining.py: error: the measurement {job} failed (above)")
+    print(child.stdout.splitlines()[-1], file=sys.stderr, flush=True)  # kept if the table fails
     return json.loads(child.stdout.splitlines()[-1])
 
 
@@ -451,8 +452,10 @@ def projection_lines(results):
 def targets(results, args):
     """(target, met) of issue #17 (and #14's prior speed) for what this run measured."""
     if ("vqvae", "defaults", "seed") in results:
+        # a peak RSS growth of 0 (the run stayed below the import's peak) compares as nan
         speed, memory = (
-            results["vqvae", "defaults", "ours"][key] / results["vqvae", "defaults", "seed"][key]
+            results["vqvae", "defaults", "ours"][key]
+            / (results["vqvae", "defaults", "seed"][key] or float("nan"))
             for key in ("per_second", "memory_mib"))
         prior = results["pixelcnn", "defaults", "ours"]["per_second"]
         yield (f"VQ-VAE images/s >= {TARGET_IMAGES_PER_SECOND_RATIO:g}x the seed's at 256x256 "
@@ -500,7 +503,8 @@ def setting_label(setting):
 def table_lines(table_rows, markdown):
     header = ("measurement", "setting", "seed", "ours", "ours/seed", "better")
     cells = [header] + [(name, setting, format(seed, spec), format(ours, spec),
-                         f"{ours / seed:.2f}", better)
+                         # a peak RSS growth can be 0: the run stayed below the import's
+                         f"{ours / seed:.2f}" if seed else "n/a", better)
                         for name, setting, seed, ours, better, spec in table_rows]
     numeric = (False, False, True, True, True, False)
     if markdown:
