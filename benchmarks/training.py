@@ -1,8 +1,9 @@
 """Training speed, peak memory and quality per time of our VQ-VAE and PixelCNN against the seed's.
 
-    python benchmarks/training.py               # about 10 minutes on a 2-core CPU
-    python benchmarks/training.py --markdown    # the same table for the README
-    python benchmarks/training.py --quick       # about 4 minutes: checks that everything runs
+    python benchmarks/training.py                    # about 20 minutes on a 2-core CPU
+    python benchmarks/training.py --markdown         # the same table for the README
+    python benchmarks/training.py --parts quality    # only the quality races (about 13 minutes)
+    python benchmarks/training.py --quick            # about 5 minutes: checks that everything runs
 
 The seed is the keras.io "vq_vae" example (its VQ-VAE, VQVAETrainer and PixelCNN), rebuilt below
 at its defaults (K=512, D=2, beta=1.5, batch 32, 256x256) and at the demo settings. Every
@@ -12,7 +13,12 @@ measurement runs in its own subprocess, so the peak memory of one is not inherit
   timed after one warm-up step that traces the graph;
 - peak memory: growth of the process's peak RSS from just before the model is built;
 - quality per time: validation SSIM and PSNR of a VQ-VAE trained for the same wall-clock budget
-  on --data.
+  on --data (240 s at 256x256, 120 s at the demo's 64x64), its SSIM recorded along the way
+  (the clock paused meanwhile), so the table shows the seconds ours needs to reach the seed's
+  final SSIM;
+- a projection of a full default run (VQ-VAE and prior, driver.py's default epochs) on
+  OASIS_SLICES slices from the measured throughput;
+- whether issue #17's targets are met, judged within this one run.
 """
 
 import argparse
@@ -57,6 +63,20 @@ DATA_BATCHES = 4
 UNLIMITED = 1_000_000
 QUICK_SECONDS = 1.0
 QUICK_BUDGET_SECONDS = 10.0
+# Validation SSIM checks per quality run: the time-to-quality's resolution is budget / this.
+QUALITY_CHECKS = 12
+# The OASIS training split's slice count, for the projection of a full default run.
+OASIS_SLICES = 9664
+SECONDS_PER_HOUR = 3600
+# Issue #17's targets (and #14's for the prior), each judged within one run.
+TARGET_TIME_TO_SEED_SSIM = 0.5  # of the 256x256 budget
+TARGET_SSIM_LEAD_256 = 0.03
+TARGET_SSIM_LEAD_DEMO = 0.005  # "ahead, not tied": more than SSIM's run-to-run noise
+TARGET_IMAGES_PER_SECOND_RATIO = 0.8
+TARGET_MEMORY_RATIO = 1.0
+TARGET_PRIOR_MAPS_PER_SECOND = 20.0
+TARGET_FULL_RUN_HOURS = 8.0
+PARTS = ("throughput", "quality")
 MIB = 1024  # ru_maxrss is in KiB on Linux
 MATMUL_SIZE = 4096
 
@@ -289,18 +309,47 @@ def throughput(kind, model_name, setting, seconds):
             "memory_mib": peak_rss_mib() - before}
 
 
+class SSIMOverTime(StopAfter):
+    """A StopAfter that records the validation SSIM every `interval` seconds of training and at
+    the end, its clock paused while it evaluates."""
+
+    def __init__(self, seconds, interval, validation, shift):
+        super().__init__(seconds)
+        self.interval = interval
+        self.validation = validation
+        self.shift = shift
+        self.curve = []  # (seconds of training, validation SSIM)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.next_check = self.interval
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.elapsed >= self.next_check or self.model.stop_training:
+            paused = time.perf_counter()
+            self.curve.append((self.elapsed, self.metrics()["test_ssim"]))
+            self.start += time.perf_counter() - paused
+            self.next_check += self.interval
+
+    def metrics(self):
+        return evaluation.reconstruction_metrics(*evaluation.reconstructions(
+            reconstructor(self.model), self.validation, self.shift))
+
+
 def quality(model_name, setting, data_dir, budget_seconds):
     """Validation SSIM and PSNR of a VQ-VAE trained on data_dir for budget_seconds (tracing
-    included)."""
+    included), and its validation SSIM along the way."""
     args = model_settings(setting, model_name)
     splits = driver.load_splits(data_dir, args.image_size, args.shift, args.batch_size, demo=True)
     model = compiled_vqvae(model_name, args, driver.pixel_variance(splits.train))
-    stop = StopAfter(budget_seconds)
+    clock = SSIMOverTime(budget_seconds, budget_seconds / QUALITY_CHECKS,
+                         splits.scaled("validate"), args.shift)
     model.fit(splits.shuffled_train(args.seed), epochs=UNLIMITED, shuffle=False,
-              callbacks=[stop], verbose=0)
-    metrics = evaluation.reconstruction_metrics(*evaluation.reconstructions(
-        reconstructor(model), splits.scaled("validate"), args.shift))
-    return {"ssim": metrics["test_ssim"], "psnr": metrics["test_psnr"], "steps": stop.steps}
+              callbacks=[clock], verbose=0)
+    metrics = clock.metrics()
+    return {"ssim": metrics["test_ssim"], "psnr": metrics["test_psnr"], "steps": clock.steps,
+            "curve": clock.curve}
 
 
 def measure(job):
@@ -321,33 +370,42 @@ def run_in_subprocess(job):
                            capture_output=True, text=True)
     if child.returncode != 0:
         sys.exit(f"{child.stderr}\ntraining.py: error: the measurement {job} failed (above)")
+    print(child.stdout.splitlines()[-1], file=sys.stderr, flush=True)  # kept if the table fails
     return json.loads(child.stdout.splitlines()[-1])
 
 
 def all_jobs(args):
-    for kind in THROUGHPUT_JOBS:
+    if "throughput" in args.parts:
+        for kind in THROUGHPUT_JOBS:
+            for setting in SETTINGS:
+                for model_name in MODELS:
+                    yield dict(kind=kind, setting=setting, model=model_name,
+                               seconds=args.timed_seconds)
+        for setting in SETTINGS:
+            yield dict(kind="vqvae", setting=setting, model=LOSS_QUANTIZER,
+                       seconds=args.timed_seconds)
+    if "quality" in args.parts:
         for setting in SETTINGS:
             for model_name in MODELS:
-                yield dict(kind=kind, setting=setting, model=model_name,
-                           seconds=args.timed_seconds)
-    for setting in SETTINGS:
-        yield dict(kind="vqvae", setting=setting, model=LOSS_QUANTIZER, seconds=args.timed_seconds)
-    for model_name in MODELS:
-        yield dict(kind="quality", setting="demo", model=model_name, data=str(args.data),
-                   budget_seconds=args.budget_seconds)
+                yield dict(kind="quality", setting=setting, model=model_name, data=str(args.data),
+                           budget_seconds=budget(args, setting))
 
 
-def rows(results, budget_seconds):
+def budget(args, setting):
+    return args.demo_budget_seconds if setting == "demo" else args.budget_seconds
+
+
+def rows(results):
     """(measurement, setting, seed, ours, which direction is better, format) per table row."""
     metrics = [
         ("VQ-VAE training, images/s", "vqvae", "per_second", "higher", ".1f"),
         ("VQ-VAE training, peak RSS growth MiB", "vqvae", "memory_mib", "lower", ".0f"),
         ("PixelCNN training, maps/s", "pixelcnn", "per_second", "higher", ".2f"),
         ("PixelCNN training, peak RSS growth MiB", "pixelcnn", "memory_mib", "lower", ".0f"),
-        (f"validation SSIM after {budget_seconds:g} s", "quality", "ssim", "higher", ".3f"),
+        ("validation SSIM after the budget", "quality", "ssim", "higher", ".3f"),
         # SSIM punishes faint noise on the black background that PSNR barely sees
-        (f"validation PSNR dB after {budget_seconds:g} s", "quality", "psnr", "higher", ".2f"),
-        (f"VQ-VAE steps in {budget_seconds:g} s", "quality", "steps", "higher", "d"),
+        ("validation PSNR dB after the budget", "quality", "psnr", "higher", ".2f"),
+        ("VQ-VAE steps in the budget", "quality", "steps", "higher", "d"),
     ]
     for name, kind, key, better, spec in metrics:
         for setting in SETTINGS:
@@ -356,8 +414,81 @@ def rows(results, budget_seconds):
                 yield name, setting_label(setting), seed, ours, better, spec
 
 
+def seconds_to_reach(curve, ssim):
+    """The first recorded training time at which a validation SSIM curve reaches ssim, or None."""
+    return next((seconds for seconds, value in curve if value >= ssim), None)
+
+
+def time_to_quality_lines(results, args):
+    """Seconds each model needs to reach the seed's SSIM after the budget."""
+    for setting in SETTINGS:
+        if ("quality", setting, "seed") not in results:
+            continue
+        target = results["quality", setting, "seed"]["ssim"]
+        for model_name in MODELS:
+            reached = seconds_to_reach(results["quality", setting, model_name]["curve"], target)
+            when = "not within the budget" if reached is None else f"after {reached:.0f} s"
+            yield (f"time to the seed's {budget(args, setting):g}-s validation SSIM "
+                   f"({target:.3f}), {setting_label(setting)}: {model_name} {when}")
+
+
+def full_run_hours(results, model_name):
+    """Hours of training of a full default run on OASIS_SLICES slices at the measured speeds."""
+    args = model_settings("defaults", model_name)
+    seconds = OASIS_SLICES * (args.epochs / results["vqvae", "defaults", model_name]["per_second"]
+                              + args.pcnn_epochs
+                              / results["pixelcnn", "defaults", model_name]["per_second"])
+    return seconds / SECONDS_PER_HOUR
+
+
+def projection_lines(results):
+    for model_name in MODELS:
+        args = model_settings("defaults", model_name)
+        yield (f"projected full default run on {OASIS_SLICES:,} slices, {model_name}: "
+               f"{full_run_hours(results, model_name):.1f} h ({args.epochs} VQ-VAE epochs + "
+               f"{args.pcnn_epochs} prior epochs at the measured 256x256 speeds)")
+
+
+def targets(results, args):
+    """(target, met) of issue #17 (and #14's prior speed) for what this run measured."""
+    if ("vqvae", "defaults", "seed") in results:
+        # a peak RSS growth of 0 (the run stayed below the import's peak) compares as nan
+        speed, memory = (
+            results["vqvae", "defaults", "ours"][key]
+            / (results["vqvae", "defaults", "seed"][key] or float("nan"))
+            for key in ("per_second", "memory_mib"))
+        prior = results["pixelcnn", "defaults", "ours"]["per_second"]
+        yield (f"VQ-VAE images/s >= {TARGET_IMAGES_PER_SECOND_RATIO:g}x the seed's at 256x256 "
+               f"({speed:.2f}x)", speed >= TARGET_IMAGES_PER_SECOND_RATIO)
+        yield (f"VQ-VAE peak memory <= {TARGET_MEMORY_RATIO:g}x the seed's at 256x256 "
+               f"({memory:.2f}x)", memory <= TARGET_MEMORY_RATIO)
+        yield (f"prior >= {TARGET_PRIOR_MAPS_PER_SECOND:g} maps/s at the default grid "
+               f"({prior:.2f})", prior >= TARGET_PRIOR_MAPS_PER_SECOND)
+        hours = full_run_hours(results, "ours")
+        yield (f"full default run on {OASIS_SLICES:,} slices <= {TARGET_FULL_RUN_HOURS:g} h "
+               f"({hours:.1f} h)", hours <= TARGET_FULL_RUN_HOURS)
+    if ("quality", "defaults", "seed") in results:
+        seed, ours = (results["quality", "defaults", m] for m in MODELS)
+        limit = TARGET_TIME_TO_SEED_SSIM * args.budget_seconds
+        reached = seconds_to_reach(ours["curve"], seed["ssim"])
+        when = "not reached" if reached is None else f"{reached:.0f} s"
+        yield (f"ours reaches the seed's {args.budget_seconds:g}-s SSIM at 256x256 in <= "
+               f"{limit:g} s ({when})", reached is not None and reached <= limit)
+        lead = ours["ssim"] - seed["ssim"]
+        yield (f"ours >= {TARGET_SSIM_LEAD_256:g} SSIM ahead after {args.budget_seconds:g} s at "
+               f"256x256 ({lead:+.3f})", lead >= TARGET_SSIM_LEAD_256)
+    if ("quality", "demo", "seed") in results:
+        seed, ours = (results["quality", "demo", m] for m in MODELS)
+        lead = ours["ssim"] - seed["ssim"]
+        yield (f"ours ahead of the seed at the demo settings after {args.demo_budget_seconds:g} "
+               f"s by > {TARGET_SSIM_LEAD_DEMO:g} SSIM ({lead:+.3f})",
+               lead > TARGET_SSIM_LEAD_DEMO)
+
+
 def quantizer_lines(results):
     """Our VQ-VAE's speed with the EMA codebook (the default) against the loss codebook."""
+    if ("vqvae", "defaults", "ours") not in results:
+        return
     for setting in SETTINGS:
         ema, loss = (results["vqvae", setting, m]["per_second"] for m in ("ours", LOSS_QUANTIZER))
         yield (f"VQ-VAE training images/s, {setting_label(setting)}: EMA quantizer {ema:.1f}, "
@@ -372,7 +503,8 @@ def setting_label(setting):
 def table_lines(table_rows, markdown):
     header = ("measurement", "setting", "seed", "ours", "ours/seed", "better")
     cells = [header] + [(name, setting, format(seed, spec), format(ours, spec),
-                         f"{ours / seed:.2f}", better)
+                         # a peak RSS growth can be 0: the run stayed below the import's
+                         f"{ours / seed:.2f}" if seed else "n/a", better)
                         for name, setting, seed, ours, better, spec in table_rows]
     numeric = (False, False, True, True, True, False)
     if markdown:
@@ -392,11 +524,12 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def machine_line():
+def machine_line(gflops_before):
     return (f"machine: {os.cpu_count()} CPU cores ({cpu_name()}), {platform.system()} "
             f"{platform.release()}, GPUs: {len(tf.config.list_physical_devices('GPU'))}, "
             f"tensorflow {tf.__version__}, keras {keras.__version__}, "
-            f"matmul {matmul_gflops():.0f} GFLOP/s")
+            f"matmul {gflops_before:.0f} GFLOP/s before the measurements and "
+            f"{matmul_gflops():.0f} after")
 
 
 def settings_lines():
@@ -419,20 +552,26 @@ def parse_args():
     parser.add_argument("--timed-seconds", type=driver.positive_float, default=20.0,
                         help="each throughput measurement trains at least this long, and at "
                              "least one step, after its warm-up step (default: %(default)s)")
-    parser.add_argument("--budget-seconds", type=driver.positive_float, default=120.0,
-                        help="wall-clock training budget of each quality run (default: "
-                             "%(default)s)")
+    parser.add_argument("--budget-seconds", type=driver.positive_float, default=240.0,
+                        help="wall-clock training budget of each quality run at 256x256 "
+                             "(default: %(default)s)")
+    parser.add_argument("--demo-budget-seconds", type=driver.positive_float, default=120.0,
+                        help="wall-clock training budget of each quality run at the demo "
+                             "settings (default: %(default)s)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
+                        help="which measurements to run (default: all)")
     parser.add_argument("--data", type=Path, default=driver.DEMO_DATA,
                         help="folder of keras_png_slices_{train,validate,test} for the quality "
                              "runs (default: the bundled demo_data)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"--timed-seconds {QUICK_SECONDS:g} --budget-seconds "
-                             f"{QUICK_BUDGET_SECONDS:g}: checks that it runs")
+                        help=f"--timed-seconds {QUICK_SECONDS:g}, both budgets "
+                             f"{QUICK_BUDGET_SECONDS:g} s: checks that it runs")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one job, in a subprocess
     args = parser.parse_args()
     if args.quick:
-        args.timed_seconds, args.budget_seconds = QUICK_SECONDS, QUICK_BUDGET_SECONDS
+        args.timed_seconds = QUICK_SECONDS
+        args.budget_seconds = args.demo_budget_seconds = QUICK_BUDGET_SECONDS
     return args
 
 
@@ -445,15 +584,23 @@ def main():
     if not train_folder.is_dir():
         sys.exit(f"training.py: error: no {train_folder} for the quality runs; create the demo "
                  "data (demo_data/make_demo_data.py) or pass --data")
+    gflops_before = matmul_gflops()
     results = {(job["kind"], job["setting"], job["model"]): run_in_subprocess(job)
                for job in all_jobs(args)}
-    print(machine_line())
-    print("\n".join(table_lines(list(rows(results, args.budget_seconds)), args.markdown)))
-    print("\n".join(quantizer_lines(results)))
+    print(machine_line(gflops_before))
+    print("\n".join(table_lines(list(rows(results)), args.markdown)))
+    print("\n".join([*quantizer_lines(results), *time_to_quality_lines(results, args)]))
+    if ("vqvae", "defaults", "seed") in results:
+        print("\n".join(projection_lines(results)))
+    print("\n".join(f"target {'met' if met else 'NOT met'}: {target}"
+                     for target, met in targets(results, args)))
     print("\n".join(settings_lines()))
     print(f"throughput: at least {args.timed_seconds:g} s of training after 1 warm-up step, on "
           "random batches in memory; quality: on the validation split of "
-          f"{args.data.name}, after training on its training split")
+          f"{args.data.name}, after training on its training split for "
+          f"{args.budget_seconds:g} s at 256x256 and {args.demo_budget_seconds:g} s at the demo "
+          "settings (tracing included), the SSIM checked every 1/"
+          f"{QUALITY_CHECKS} of the budget")
 
 
 if __name__ == "__main__":
