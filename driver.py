@@ -756,6 +756,8 @@ def evaluate(models, splits, sampled, codes, heights, args):
             **evaluation.codebook_metrics(evaluation.code_counts(codes["test"], args.K)),
             "brain_codebook_perplexity": evaluation.brain_codebook_perplexity(
                 codes["test"], originals, args.K),
+            "brain_code_share": float(
+                evaluation.brain_code_positions(originals, codes["test"].shape[1:]).mean()),
             "c2st_reconstructions": reconstructions_vs_real["c2st_accuracy"],
             "c2st_reconstructions_stderr": reconstructions_vs_real["c2st_stderr"],
             "anatomy_reconstructions": reconstructions_vs_real["anatomy"],

@@ -37,13 +37,14 @@ def test_tiny_run_writes_every_output(tiny_run):
     expected = {f"{group}.{name}" for group, name in [
         ("samples", "c2st_accuracy"), ("samples", "c2st_stderr"), ("samples", "n_real"),
         ("samples", "n_samples"), ("samples", "c2st_vs_reconstructions"),
-        ("vqvae", "brain_codebook_perplexity"),
+        ("vqvae", "brain_codebook_perplexity"), ("vqvae", "brain_code_share"),
         ("vqvae", "c2st_reconstructions")]}
     expected |= {f"samples.{key}.{name}" for key in ("anatomy", "anatomy_vs_reconstructions")
                  for name in evaluation.ANATOMY}
     assert expected <= set(flattened(metrics))
     assert all(np.isfinite(value) for value in flattened(metrics).values())
     assert (metrics["samples"]["n_real"], metrics["samples"]["n_samples"]) == (10, 10)
+    assert 0 < metrics["vqvae"]["brain_code_share"] < 1  # ellipses on black
     history = json.loads((checkpoints / "vqvae_history.json").read_text())
     assert len(history) == 1 and 0 < history[0]["val_ssim"] <= 1
     assert 0 < history[0]["val_codes_used"] <= 1 and history[0]["val_codebook_perplexity"] >= 1
