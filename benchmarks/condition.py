@@ -1,0 +1,94 @@
+"""What slice conditioning costs: the gated prior with `--condition slice` against the same prior
+with `--condition none`, training and sampling, timed alternately in one process.
+
+    python benchmarks/condition.py                      # the demo's 16x16 grid, batch 16
+    python benchmarks/condition.py --grid 32 --batch 32 # the 256x256 defaults' grid
+
+Both priors have driver.py's default size (K, filters, blocks, dilation cycle, output layers)
+and train on the same random code maps; each measurement is the median of --repeats, the two
+priors taking turns so that a change in the machine's speed hits both.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import driver  # noqa: E402  (driver first: it quiets TensorFlow's start-up)
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pixelcnn  # noqa: E402
+from training import matmul_gflops  # noqa: E402
+
+MAPS = 384  # one epoch: the demo's training split
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", type=int, default=16, help="code map size (default: 16)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="turns per prior (default: 3)")
+    return parser.parse_args()
+
+
+def build_prior(condition):
+    defaults = driver.build_parser()
+    keras.utils.set_random_seed(0)
+    prior = pixelcnn.build_pixelcnn(
+        defaults.get_default("K"), defaults.get_default("pcnn_filters"),
+        defaults.get_default("pcnn_res_blocks"), defaults.get_default("pcnn_layers"), "gated",
+        defaults.get_default("pcnn_dilation_cycle"), condition)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return prior
+
+
+def timed(work):
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def main():
+    args = parse_args()
+    gflops = matmul_gflops()
+    rng = np.random.default_rng(0)
+    num_embeddings = driver.build_parser().get_default("K")
+    codes = rng.integers(0, num_embeddings, size=(MAPS, args.grid, args.grid)).astype("int32")
+    heights = rng.uniform(size=MAPS).astype("float32")
+    drawn_at = np.linspace(0.0, 1.0, args.batch, dtype="float32")
+    runs = {}
+    for condition in pixelcnn.CONDITIONS:
+        prior = build_prior(condition)
+        inputs = codes if condition == "none" else (codes, heights)
+        sampler = pixelcnn.code_sampler(prior, (args.grid, args.grid))
+        at = None if condition == "none" else drawn_at
+
+        def train(prior=prior, inputs=inputs):
+            prior.fit(inputs, codes, batch_size=args.batch, epochs=1, verbose=0)
+
+        def sample(sampler=sampler, at=at):
+            sampler(args.batch, 1.0, 0, at).numpy()
+
+        train(), sample()  # traced and compiled outside the timings
+        runs[condition] = {"train": (train, []), "sample": (sample, []),
+                           "parameters": prior.count_params()}
+    for _ in range(args.repeats):
+        for run in runs.values():
+            for work, seconds in (run["train"], run["sample"]):
+                seconds.append(timed(work))
+    print(f"matmul {gflops:.0f} GFLOP/s before and {matmul_gflops():.0f} after; "
+          f"{args.grid}x{args.grid} maps, batch {args.batch}, median of {args.repeats}")
+    print(f"{'measurement':<40} {'none':>8} {'slice':>8} {'slice/none':>11}")
+    for name, label in (("train", f"train one epoch of {MAPS} maps, s"),
+                        ("sample", f"sample {args.batch} maps, s")):
+        none, conditioned = (np.median(runs[c][name][1]) for c in pixelcnn.CONDITIONS)
+        print(f"{label:<40} {none:8.2f} {conditioned:8.2f} {conditioned / none:11.3f}")
+    none, conditioned = (runs[c]["parameters"] for c in pixelcnn.CONDITIONS)
+    print(f"{'parameters':<40} {none:8,} {conditioned:8,} {conditioned / none:11.3f}")
+
+
+if __name__ == "__main__":
+    main()
