@@ -949,8 +949,9 @@ def write_figures(model, splits, vq_history, sampled, codes, statistics, metrics
                           evaluation.ssim(originals, reconstructions).numpy(),
                           args.out / "codebook_results.png")
     sampled_codes, sampled_images, sampled_heights = sampled
-    plot_samples(sampled_codes[:SAMPLES_SHOWN], sampled_images[:SAMPLES_SHOWN],
-                 args.out / "samples.png")
+    # spread over the samples: a conditional run draws them in order of height
+    shown = np.linspace(0, len(sampled_codes) - 1, SAMPLES_SHOWN).round().astype(int)
+    plot_samples(sampled_codes[shown], sampled_images[shown], args.out / "samples.png")
     if sampled_heights is not None:
         real = np.concatenate(list(splits.test.batch(256).as_numpy_iterator())) / PIXEL_MAX
         plot_samples_by_slice(real, splits.heights("test"), sampled_images, sampled_heights,
