@@ -24,6 +24,7 @@ import tensorflow as tf  # noqa: E402
 import driver  # noqa: E402
 import pixelcnn  # noqa: E402
 import vqvae  # noqa: E402
+from training import matmul_gflops  # noqa: E402
 
 
 def parse_args():
@@ -75,6 +76,7 @@ def timed(sample, *args):
 
 def main():
     args = parse_args()
+    gflops_before = matmul_gflops()
     prior, description = load_prior(args)
     grid = (args.grid, args.grid)
     codes_per_map = args.grid * args.grid
@@ -95,7 +97,8 @@ def main():
     # (B, h, w) -> (B, h*w): the raster order in which the naive sampler drew its codes
     drawn = (fast.reshape(args.batch, -1) == naive.reshape(args.batch, -1))[:, :naive_codes]
     print(f"machine: {os.cpu_count()} CPU cores, {platform.machine()}, "
-          f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, tensorflow {tf.__version__}")
+          f"GPUs: {len(tf.config.list_physical_devices('GPU'))}, tensorflow {tf.__version__}, "
+          f"matmul {gflops_before:.0f} GFLOP/s before the timings and {matmul_gflops():.0f} after")
     print(f"prior: {description} ({prior.name}, {prior.count_params():,} parameters, "
           f"{pixelcnn.receptive_field(prior)}), {args.batch} maps of {args.grid}x{args.grid}")
     naive_name = ("naive" if naive_codes == codes_per_map
