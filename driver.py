@@ -216,11 +216,12 @@ def build_parser():
     prior.add_argument("--pcnn-layers", type=non_negative_int, default=2,
                        help="1x1 convolution layers between the blocks and the logits "
                             "(default: %(default)s)")
-    prior.add_argument("--condition", choices=pixelcnn.CONDITIONS, default=DEFAULT_CONDITION,
+    prior.add_argument("--condition", choices=pixelcnn.CONDITIONS,
                        help="none: the prior models p(c); slice: p(c | h), conditioned on each "
                             "slice's relative height h in [0, 1] read from its file name "
-                            "(slice_<n>; section 2.3 of the PixelCNN paper) "
-                            "(default: %(default)s)")
+                            "(slice_<n>; section 2.3 of the PixelCNN paper), gated prior only "
+                            f"(default: {DEFAULT_CONDITION} for the gated prior, none for the "
+                            "plain one)")
     prior.add_argument("--slice", type=slice_list, default=None,
                        help="heights to sample with --condition slice: one or a comma-separated "
                             "list of relative heights (0.2,0.5,0.8; values with a '.') or slice "
@@ -280,6 +281,10 @@ def parse_args(argv=None):
                      f"{evaluation.C2ST_FOLDS}-fold cross-validation), got {args.num_samples}")
     if args.cpu_replicas > 1 and args.strategy != "mirrored":
         parser.error("argument --cpu-replicas: only --strategy mirrored splits the CPU")
+    if args.condition is None:
+        args.condition = DEFAULT_CONDITION if args.pcnn_type == "gated" else "none"
+    if args.condition != "none" and args.pcnn_type != "gated":
+        parser.error(f"argument --condition: {args.condition} needs --pcnn-type gated")
     if args.slice is not None and args.condition != "slice":
         parser.error("argument --slice: only a prior with --condition slice takes heights")
     return args

@@ -56,7 +56,7 @@ def load_prior(args):
         num_embeddings, filters, blocks, cycle = args.random_prior
         keras.utils.set_random_seed(args.seed)
         defaults = driver.build_parser()
-        condition = defaults.get_default("condition")
+        condition = driver.DEFAULT_CONDITION  # the gated prior's
         prior = pixelcnn.build_pixelcnn(num_embeddings, filters, blocks,
                                         defaults.get_default("pcnn_layers"), "gated",
                                         dilation_cycle=cycle, condition=condition)

@@ -55,6 +55,13 @@ def test_slice_without_a_conditional_prior_is_refused(capsys):
     assert "--condition slice" in one_line_error(capsys, ["--condition", "none", "--slice", "0.5"])
 
 
+def test_the_plain_prior_is_unconditional_and_refuses_conditioning(capsys):
+    assert driver.parse_args([]).condition == "slice"
+    assert driver.parse_args(["--pcnn-type", "plain"]).condition == "none"
+    message = one_line_error(capsys, ["--pcnn-type", "plain", "--condition", "slice"])
+    assert "--condition" in message and "gated" in message
+
+
 def test_sample_heights():
     np.testing.assert_allclose(driver.sample_heights(None, 5, 7), [0, 0.25, 0.5, 0.75, 1])
     np.testing.assert_allclose(driver.sample_heights([0.2, 7], 4, 7), [0.2, 0.2, 1, 1])
