@@ -284,7 +284,7 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
     conditional, embedded heights) -> one map per gated layer, added into the horizontal stack,
     whose row i describes only the rows above i.
 
-    A model of its own, so that the sampler runs it once per row rather than once per code.
+    A model of its own, so that the sampler runs it one row at a time, apart from the codes.
     """
     embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
     condition = condition_input(filters, conditional, "vertical_condition_input")
