@@ -284,7 +284,7 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
     conditional, embedded heights) -> one map per gated layer, added into the horizontal stack,
     whose row i describes only the rows above i.
 
-    A model of its own, so that the sampler runs it one row at a time, apart from the codes.
+    A model of its own, so that the sampler can walk its layers one row at a time.
     """
     embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
     condition = condition_input(filters, conditional, "vertical_condition_input")
