@@ -72,6 +72,7 @@ OASIS_SOURCE = (
 )
 EXPECTED_SIZE = 256  # OASIS slices are 256x256; other sizes are resized with a warning
 PIXEL_MAX = 255.0
+PREFETCHED_BATCHES = 2  # the next batch is ready when a step ends, one more in the making
 # tf.image.ssim's Gaussian window is 11 pixels wide; the code grid is the image / 4.
 MIN_IMAGE_SIZE = 16
 FIGURE_EXAMPLES = 6  # images in codebook_results.png
@@ -402,6 +403,16 @@ def check_split_folder(folder):
     return len(images)
 
 
+def untuned(dataset):
+    """The dataset, and every dataset made from it, without tf.data's autotuner. Its thread
+    wakes at growing intervals, and an iterator's end waits for the next wake: a prior epoch of
+    5 s took 10.2 s at random, a validation pass likewise. Our pipelines are a cache, a cast and
+    a fixed prefetch, with nothing to tune."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def load_split(folder, size):
     """Decode a split once into a cached dataset of uint8 images (N, size, size, 1), and the
     images' file paths in the same order."""
@@ -410,7 +421,8 @@ def load_split(folder, size):
         batch_size=None, shuffle=False, verbose=False,
     )
     # uint8 in the cache takes a quarter of float32's memory.
-    return images.map(lambda x: tf.cast(tf.round(x), tf.uint8)).cache(), images.file_paths
+    cached = untuned(images.map(lambda x: tf.cast(tf.round(x), tf.uint8)).cache())
+    return cached, images.file_paths
 
 
 def slice_index(path):
@@ -459,7 +471,7 @@ class Splits:
     def _batched_and_scaled(self, images):
         return sharded_by_data(images.batch(self.batch_size)
                                .map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX - self.shift)
-                               .prefetch(tf.data.AUTOTUNE))
+                               .prefetch(PREFETCHED_BATCHES))
 
     def pixels(self, split):
         """The split's uint8 images as one array (N, size, size, 1)."""
@@ -711,10 +723,10 @@ def code_dataset(codes, heights, batch_size, seed=None):
     """(codes, codes) pairs, or ((codes, heights), codes) for a conditional prior (heights not
     None)."""
     inputs = codes if heights is None else (codes, heights)
-    data = tf.data.Dataset.from_tensor_slices((inputs, codes))
+    data = untuned(tf.data.Dataset.from_tensor_slices((inputs, codes)))
     if seed is not None:
         data = data.shuffle(len(codes), seed=seed, reshuffle_each_iteration=True)
-    return sharded_by_data(data.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    return sharded_by_data(data.batch(batch_size).prefetch(PREFETCHED_BATCHES))
 
 
 def train_prior(codes, heights, args, checkpoints, strategy):

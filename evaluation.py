@@ -138,9 +138,9 @@ def prior_nll_bits(prior, codes, batch_size, heights=None):
     """Mean negative log-likelihood per code, in bits, of code maps under the prior: -log2 p(c),
     or -log2 p(c | h) for a conditional prior given the maps' relative heights h."""
     total, count = 0.0, 0
-    inputs = codes if heights is None else (codes, heights)
-    for batch in tf.data.Dataset.from_tensor_slices(inputs).batch(batch_size):
-        batch, batch_heights = batch if heights is not None else (batch, None)
+    for start in range(0, len(codes), batch_size):
+        batch = codes[start:start + batch_size]
+        batch_heights = None if heights is None else heights[start:start + batch_size]
         logits = prior(pixelcnn.prior_inputs(prior, batch, batch_heights), training=False)
         nll = keras.losses.sparse_categorical_crossentropy(batch, logits, from_logits=True)
         total += float(tf.reduce_sum(nll))

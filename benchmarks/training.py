@@ -257,7 +257,8 @@ def compiled_prior(model_name, args):
 def cycled(batches):
     """An endless dataset of pre-batched arrays (batches, B, ...), or tuples of them: no input
     pipeline cost."""
-    return tf.data.Dataset.from_tensor_slices(batches).repeat().prefetch(tf.data.AUTOTUNE)
+    return driver.untuned(tf.data.Dataset.from_tensor_slices(batches)).repeat().prefetch(
+        driver.PREFETCHED_BATCHES)
 
 
 def vqvae_job(model_name, args, rng):
