@@ -5,8 +5,9 @@ with `--condition none`, training and sampling, timed alternately in one process
     python benchmarks/condition.py --grid 32 --batch 32 # the 256x256 defaults' grid
 
 Both priors have driver.py's default size (K, filters, blocks, dilation cycle, output layers)
-and train on the same random code maps; each measurement is the median of --repeats, the two
-priors taking turns so that a change in the machine's speed hits both.
+and train on the same random code maps through driver.py's input pipeline; each measurement is
+the median of --repeats, the two priors taking turns so that a change in the machine's speed
+hits both.
 """
 
 import argparse
@@ -62,12 +63,12 @@ def main():
     runs = {}
     for condition in pixelcnn.CONDITIONS:
         prior = build_prior(condition)
-        inputs = codes if condition == "none" else (codes, heights)
+        data = driver.code_dataset(codes, None if condition == "none" else heights, args.batch)
         sampler = pixelcnn.code_sampler(prior, (args.grid, args.grid))
         at = None if condition == "none" else drawn_at
 
-        def train(prior=prior, inputs=inputs):
-            prior.fit(inputs, codes, batch_size=args.batch, epochs=1, verbose=0)
+        def train(prior=prior, data=data):
+            prior.fit(data, epochs=1, verbose=0)
 
         def sample(sampler=sampler, at=at):
             sampler(args.batch, 1.0, 0, at).numpy()
