@@ -553,14 +553,27 @@ def _output_names(model):
     return [tensor._keras_history.operation.name for tensor in keras.tree.flatten(model.outputs)]
 
 
+def _run_on(steps, values):
+    """Runs, once, the layers that read only what `values` holds (by layer name), adding their
+    outputs to it: given a conditional prior's embedded heights, their projections V^T h, the
+    same at every position."""
+    for layer, arguments in steps:
+        sources = keras.tree.flatten(arguments)
+        if (not isinstance(layer, layers.InputLayer) and sources
+                and all(isinstance(source, str) and source in values for source in sources)):
+            values[layer.name] = layer(*keras.tree.map_structure(values.get, arguments))
+    return values
+
+
 def _run_at(steps, values, method, earlier):
     """Runs a model's layers at one position (a row, or a column of a row) of their outputs.
-    `values` holds the inputs there, by layer name, and receives every layer's output there.
-    A layer that reads other positions has `method` (at_row or at_column), which asks
-    earlier(source, n) for its input n positions back, or takes values[source] for n = 0; every
-    other layer must be pointwise."""
+    `values` holds the inputs there, by layer name, and receives every layer's output there;
+    a layer whose output it already holds (see `_run_on`) is not run again. A layer that reads
+    other positions has `method` (at_row or at_column), which asks earlier(source, n) for its
+    input n positions back, or takes values[source] for n = 0; every other layer must be
+    pointwise."""
     for layer, arguments in steps:
-        if isinstance(layer, layers.InputLayer):
+        if isinstance(layer, layers.InputLayer) or layer.name in values:
             continue
         if hasattr(layer, method):
             (source,) = arguments
@@ -623,11 +636,14 @@ class _GatedSteps:
         return model.get_layer(name).output.shape[-1]
 
     def conditions(self, heights):
-        """The stacks' condition inputs, by name: the embedded heights (B, F), or none."""
+        """The stacks' condition inputs, the embedded heights (B, F), and every layer that
+        reads only them (the projections V^T h, (B, 2F)), by name; or none. Computed once per
+        call, not at every position."""
         if self.height_embedding is None:
             return {}
         embedded = self.height_embedding(heights)
-        return {name: embedded for name in self.condition_inputs}
+        values = {name: embedded for name in self.condition_inputs}
+        return _run_on(self.horizontal_steps, _run_on(self.vertical_steps, values))
 
     def begin_map(self, codes):
         """For each vertical layer a later row reads: its outputs at the rows above (zeros
