@@ -143,6 +143,15 @@ def test_the_bundled_demo_slices_load_through_the_oasis_loader():
     assert batch.min() == -0.5 and 0.0 < batch.max() <= 0.5  # black background, bright brain
 
 
+def test_no_pipeline_runs_the_autotuner():
+    """Its thread made each iterator's end wait for its next wake-up: epochs doubled at random."""
+    splits = driver.load_splits(driver.DEMO_DATA, 32, 0.5, 64, demo=True)
+    codes, heights = np.zeros((8, 4, 4), "int32"), np.zeros(8, "float32")
+    pipelines = [splits.scaled("test"), splits.shuffled_train(seed=0), splits.test,
+                 driver.code_dataset(codes, None, 4), driver.code_dataset(codes, heights, 4, 0)]
+    assert not any(pipeline.options().autotune.enabled for pipeline in pipelines)
+
+
 def test_demo_run_at_a_tiny_setting(tmp_path):
     """--demo on a few of the bundled slices, 1 epoch each: the demo path end to end."""
     data = tmp_path / "demo"
