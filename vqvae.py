@@ -292,6 +292,14 @@ def downsampling_filters(downsampling):
     return (FIRST_FILTERS, *[FILTERS] * (halvings - 1))
 
 
+def upsampling_filters(downsampling):
+    """Filters of the decoder's stride-2 transposed convolutions: each upsampling outputs the
+    channels the encoder's convolution at that resolution took in, and the last, at full
+    resolution, FIRST_FILTERS (the encoder took in the image's one channel there)."""
+    strided = downsampling_filters(downsampling)
+    return (*reversed(strided[:-1]), FIRST_FILTERS)
+
+
 def build_encoder(embedding_dim, downsampling):
     """Image (B, H, W, 1) -> z_e (B, H/s, W/s, D), s = downsampling; H and W divisible by s."""
     images = keras.Input(shape=(None, None, 1), name="images")
@@ -316,7 +324,7 @@ def build_decoder(embedding_dim, pixel_range, downsampling):
     x = layers.Conv2D(strided[-1], 3, padding="same", name="from_latent")(latents)
     for i in range(RESIDUAL_BLOCKS):
         x = residual_block(x, strided[-1], name=f"res{i + 1}")
-    for i, filters in enumerate(reversed(strided)):
+    for i, filters in enumerate(upsampling_filters(downsampling)):
         x = layers.ReLU(name=f"up{i + 1}_relu")(x)
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", name=f"up{i + 1}")(x)
     x = layers.ReLU(name="out_relu")(x)
