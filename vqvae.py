@@ -318,7 +318,7 @@ def build_encoder(embedding_dim, downsampling):
 
 def build_decoder(embedding_dim, pixel_range, downsampling):
     """z_q (B, h, w, D) -> image (B, s*h, s*w, 1) in pixel_range, s = downsampling; mirrors the
-    encoder with transposed convs."""
+    encoder with transposed convs, channel for channel (`upsampling_filters`)."""
     latents = keras.Input(shape=(None, None, embedding_dim), name="latents")
     strided = downsampling_filters(downsampling)
     x = layers.Conv2D(strided[-1], 3, padding="same", name="from_latent")(latents)

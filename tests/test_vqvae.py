@@ -96,6 +96,18 @@ def test_downsampling_must_be_a_power_of_two():
         vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=6)
 
 
+@pytest.mark.parametrize("downsampling", [2, 4, 8, 16])
+def test_the_decoder_mirrors_the_encoder(downsampling):
+    """Each upsampling outputs the channels the encoder's convolution at the resolution it
+    reaches took in; at full resolution, where the encoder took in the image, FIRST_FILTERS."""
+    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=downsampling)
+    encoder, decoder = model.encoder, model.decoder
+    halvings = len(vqvae.downsampling_filters(downsampling))
+    took_in = [encoder.get_layer(f"down{i + 1}").input.shape[-1] for i in range(halvings)]
+    outputs = [decoder.get_layer(f"up{i + 1}").output.shape[-1] for i in range(halvings)]
+    assert outputs == [*reversed(took_in[1:]), vqvae.FIRST_FILTERS]
+
+
 def test_training_reduces_loss():
     keras.utils.set_random_seed(0)
     # smooth blobs: structure an autoencoder can learn, unlike white noise
