@@ -553,6 +553,12 @@ def _output_names(model):
     return [tensor._keras_history.operation.name for tensor in keras.tree.flatten(model.outputs)]
 
 
+def _called(layer, arguments, values):
+    """A layer's output on its call's arguments (see `_call_arguments`), read from `values` by
+    layer name."""
+    return layer(*keras.tree.map_structure(values.get, arguments))
+
+
 def _run_on(steps, values):
     """Runs, once, the layers that read only what `values` holds (by layer name), adding their
     outputs to it: given a conditional prior's embedded heights, their projections V^T h, the
@@ -561,7 +567,7 @@ def _run_on(steps, values):
         sources = keras.tree.flatten(arguments)
         if (not isinstance(layer, layers.InputLayer) and sources
                 and all(isinstance(source, str) and source in values for source in sources)):
-            values[layer.name] = layer(*keras.tree.map_structure(values.get, arguments))
+            values[layer.name] = _called(layer, arguments, values)
     return values
 
 
@@ -580,7 +586,7 @@ def _run_at(steps, values, method, earlier):
             values[layer.name] = getattr(layer, method)(
                 lambda n, source=source: values[source] if n == 0 else earlier(source, n))
         elif layer_reach(layer) == Reach(0, 0, 0):  # layer_reach refuses what it cannot measure
-            values[layer.name] = layer(*keras.tree.map_structure(values.get, arguments))
+            values[layer.name] = _called(layer, arguments, values)
         else:
             raise ValueError(f"the sampler runs {layer.name!r} at one position at a time, but "
                              "it reads other positions and has no " + method)
