@@ -347,17 +347,30 @@ def check_set_sizes(n_reference, n_other):
 
 def two_sample_test(reference_features, other_features, seed):
     """Cross-validated accuracy of a classifier telling the two sets apart, and its standard
-    error. The larger set is subsampled so the classes balance; every image is held out once."""
-    count = min(len(reference_features), len(other_features))
+    error. Classes balance: the larger set is split into disjoint parts the size of the smaller,
+    each tested against the whole smaller set, and the accuracies averaged, so that every image
+    is held out once and no unlucky subsample decides the score. The standard error is one
+    test's (their mean), which bounds the average's from above."""
     rng = np.random.default_rng(seed)
-    pick = lambda x: x[rng.permutation(len(x))[:count]]  # noqa: E731
-    features = np.concatenate([pick(reference_features), pick(other_features)])
-    labels = np.r_[np.zeros(count), np.ones(count)]
+    reference, other = (x[rng.permutation(len(x))] for x in (reference_features, other_features))
+    count = min(len(reference), len(other))
+    parts = lambda x: np.split(x[: len(x) // count * count], len(x) // count)  # noqa: E731
+    # one of the two sets is a single part: each part of the other is tested against it
+    tests = [held_out_accuracy(reference_part, other_part, seed)
+             for reference_part in parts(reference) for other_part in parts(other)]
+    return tuple(float(np.mean(values)) for values in zip(*tests))
+
+
+def held_out_accuracy(reference, other, seed):
+    """The share of 5-fold held-out predictions that tell two equal-size sets apart, and its
+    standard error."""
+    features = np.concatenate([reference, other])
+    labels = np.r_[np.zeros(len(reference)), np.ones(len(other))]
     classifier = make_pipeline(
         StandardScaler(), LogisticRegression(C=C2ST_INVERSE_REGULARISATION, max_iter=1000))
     folds = StratifiedKFold(C2ST_FOLDS, shuffle=True, random_state=seed)
     correct = cross_val_predict(classifier, features, labels, cv=folds) == labels
-    return float(correct.mean()), float(correct.std(ddof=1) / math.sqrt(len(correct)))
+    return correct.mean(), correct.std(ddof=1) / math.sqrt(len(correct))
 
 
 def realism_summary(images):

@@ -177,3 +177,17 @@ def test_anatomy_distance_is_in_units_of_the_reference_spread():
     for name, distance in distances.items():
         # shifting every value by 2 moves the distribution by 2: about 2 standard deviations
         assert distance == pytest.approx(2.0 / reference[name].std(), rel=1e-9)
+
+
+def test_every_image_of_the_larger_set_is_scored():
+    # Half of the larger set is plainly different: its parts are tested in turn against the
+    # smaller set, so the score is 0.75 whichever seed shuffles it. A single subsample the size
+    # of the smaller set would hold a seed-dependent share of the different half.
+    for seed in range(4):
+        rng = np.random.default_rng(10 + seed)
+        reference, other = rng.normal(size=(32, 4)), rng.normal(size=(320, 4))
+        other[:160] += 100.0
+        accuracy, _ = evaluation.two_sample_test(reference, other, seed)
+        assert accuracy == pytest.approx(0.75, abs=0.01), seed
+        accuracy, _ = evaluation.two_sample_test(other, reference, seed)
+        assert accuracy == pytest.approx(0.75, abs=0.01), seed
