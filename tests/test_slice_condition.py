@@ -63,10 +63,15 @@ def test_the_plain_prior_is_unconditional_and_refuses_conditioning(capsys):
 
 
 def test_sample_heights():
-    np.testing.assert_allclose(driver.sample_heights(None, 5, 7), [0, 0.25, 0.5, 0.75, 1])
-    np.testing.assert_allclose(driver.sample_heights([0.2, 7], 4, 7), [0.2, 0.2, 1, 1])
+    test_heights = np.array([1, 0.5, 0, 0.5, 1, 0])
+    # without --slice: the test slices' heights, as many samples at each as the test split has
+    np.testing.assert_allclose(driver.sample_heights(None, 6, 7, test_heights),
+                               [0, 0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(driver.sample_heights(None, 3, 7, test_heights), [0, 0.5, 1])
+    np.testing.assert_allclose(driver.sample_heights([0.2, 7], 4, 7, test_heights),
+                               [0.2, 0.2, 1, 1])
     with pytest.raises(driver.PipelineError, match="8"):
-        driver.sample_heights([8], 4, 7)
+        driver.sample_heights([8], 4, 7, test_heights)
 
 
 def test_conditional_sample_names_carry_the_height(tmp_path):
