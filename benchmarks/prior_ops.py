@@ -1,0 +1,92 @@
+"""Where one training step of the default prior spends its time, op by op, from TensorFlow's
+profiler.
+
+    python benchmarks/prior_ops.py             # the default grid (32x32) and batch: about a minute
+
+The prior (driver.py's defaults, unconditional, as benchmarks/training.py times it) trains on
+random code maps in memory; after warm-up steps, the profiler records PROFILED_STEPS steps and
+the table sums each kind of op's time over TensorFlow's compute threads, forward and gradient
+apart. Two threads run ops side by side, so the shares are of the threads' time, not of the
+wall clock.
+"""
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.tsl.profiler.protobuf import xplane_pb2  # noqa: E402
+
+import training  # noqa: E402
+
+WARM_UP_STEPS = 3
+PROFILED_STEPS = 5
+COMPUTE_THREADS = "tf_Compute"  # the profiler's name for the lines of TensorFlow's op threads
+GRADIENT_SCOPE = "gradient_tape"
+PICOSECONDS_PER_MS = 1e9
+
+
+def recorded_space(model, data, logdir):
+    """The profiler's record of PROFILED_STEPS training steps, and their wall-clock seconds."""
+    tf.profiler.experimental.start(str(logdir))
+    start = time.perf_counter()
+    model.fit(data, steps_per_epoch=PROFILED_STEPS, shuffle=False, verbose=0)
+    seconds = time.perf_counter() - start
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(next(Path(logdir).rglob("*.xplane.pb")).read_bytes())
+    return space, seconds
+
+
+def op_times(space):
+    """Picoseconds per op kind ("Conv2D", "grad Conv2DBackpropFilter", ..) on the compute
+    threads. An op's event is named "<node path>:<op kind>" (the executor's own events have no
+    node path); gradient nodes sit under gradient_tape."""
+    totals = collections.Counter()
+    for plane in space.planes:
+        names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
+        for line in plane.lines:
+            if not line.name.startswith(COMPUTE_THREADS):
+                continue
+            for event in line.events:
+                path, separator, kind = names[event.metadata_id].rpartition(":")
+                if separator and "/" in path:
+                    gradient = "grad " if GRADIENT_SCOPE in path else ""
+                    totals[gradient + kind] += event.duration_ps
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")
+    options = parser.parse_args()
+    args = training.model_settings("defaults", "ours")
+    model, data = training.pixelcnn_job("ours", args, np.random.default_rng(training.SEED))
+    print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the start")
+    model.fit(data, steps_per_epoch=WARM_UP_STEPS, shuffle=False, verbose=0)
+    with tempfile.TemporaryDirectory() as logdir:
+        space, seconds = recorded_space(model, data, logdir)
+    totals = op_times(space)
+    threads = sum(totals.values())
+    grid = args.image_size // args.downsample
+    print(f"prior: {args.pcnn_type}, {args.pcnn_res_blocks} blocks of {args.pcnn_filters} "
+          f"filters, {grid}x{grid} maps, batch {args.batch_size}: "
+          f"{PROFILED_STEPS * args.batch_size / seconds:.1f} maps/s while profiled")
+    print(f"{'op':<45} {'ms / step':>10} {'share':>6}")
+    for kind, picoseconds in totals.most_common(options.top):
+        print(f"{kind:<45} {picoseconds / PICOSECONDS_PER_MS / PROFILED_STEPS:>10.1f} "
+              f"{picoseconds / threads:>6.1%}")
+    print(f"{'all ops, summed over the compute threads':<45} "
+          f"{threads / PICOSECONDS_PER_MS / PROFILED_STEPS:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
