@@ -1,13 +1,13 @@
 """Where one VQ-VAE training step spends its time: forward + backward of every layer, the whole
 `fit` step, and the input pipeline, for our VQ-VAE and the seed's.
 
-    python benchmarks/layer_times.py                  # 256x256 defaults, batch 32: about 3 minutes
+    python benchmarks/layer_times.py                  # 256x256 defaults: about 3 minutes
     python benchmarks/layer_times.py --markdown       # the same tables for the README
 
-Each layer is timed alone on the activations it sees in the model (batch 32 at 256x256): the
-gradient of its output with respect to its input and its weights, as in training. The layers'
-sum falls short of the whole step by what lies between them: the loss, the optimizer's update
-and Keras's bookkeeping.
+Each layer is timed alone on the activations it sees in the model (each model's default batch
+at 256x256: ours 16, the seed's 32): the gradient of its output with respect to its input and
+its weights, as in training. The layers' sum falls short of the whole step by what lies between
+them: the loss, the optimizer's update and Keras's bookkeeping.
 """
 
 import argparse
