@@ -14,7 +14,7 @@ measurement runs in its own subprocess, so the peak memory of one is not inherit
 - peak memory: growth of the process's peak RSS from just before the model is built;
 - quality per time: validation SSIM and PSNR of a VQ-VAE trained for the same wall-clock budget
   on --data (240 s at 256x256, 120 s at the demo's 64x64), its SSIM recorded along the way
-  (the clock paused meanwhile), so the table shows the seconds ours needs to reach the seed's
+  (the clock paused meanwhile), so the table shows the check by which each reaches the seed's
   final SSIM; at 256x256 the seed's VQ-VAE also races with our optimiser settings, which tells
   the architectures' share of the lead from the optimiser's;
 - a projection of a full default run (VQ-VAE and prior, driver.py's default epochs) on
@@ -433,6 +433,11 @@ def seconds_to_reach(curve, ssim):
     return next((check for check, _, value in curve if value >= ssim), None)
 
 
+def reached_words(check):
+    """How a time-to-quality line reads the check from `seconds_to_reach`."""
+    return "not within the budget" if check is None else f"at its {check:.0f}-s check"
+
+
 def time_to_quality_lines(results, args):
     """Seconds each model needs to reach the seed's SSIM after the budget."""
     for setting in SETTINGS:
@@ -441,9 +446,9 @@ def time_to_quality_lines(results, args):
         target = results["quality", setting, "seed"]["ssim"]
         for model_name in MODELS:
             reached = seconds_to_reach(results["quality", setting, model_name]["curve"], target)
-            when = "not within the budget" if reached is None else f"at its {reached:.0f}-s check"
             yield (f"time to the seed's {budget(args, setting):g}-s validation SSIM "
-                   f"({target:.3f}), {setting_label(setting)}: {model_name} {when}")
+                   f"({target:.3f}), {setting_label(setting)}: {model_name} "
+                   f"{reached_words(reached)}")
 
 
 def same_optimiser_lines(results, args):
@@ -454,11 +459,10 @@ def same_optimiser_lines(results, args):
     ours = results["quality", "defaults", "ours"]
     settings = model_settings("defaults", SEED_OUR_OPTIMISER)
     reached = seconds_to_reach(seed["curve"], ours["ssim"])
-    when = "not within the budget" if reached is None else f"at its {reached:.0f}-s check"
     yield (f"the seed's VQ-VAE with our optimiser (batch {settings.batch_size}, Adam "
            f"{settings.learning_rate:g}), 256x256 defaults: validation SSIM {seed['ssim']:.3f} "
            f"after {args.budget_seconds:g} s against ours {ours['ssim']:.3f}; ours' final SSIM "
-           f"{when}")
+           f"{reached_words(reached)}")
 
 
 def full_run_hours(results, model_name):
