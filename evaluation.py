@@ -292,7 +292,7 @@ def anatomy_distances(reference, other):
         if name == "intensity":
             centres = intensity_bin_centres()
             weights = reference[name], other[name]
-            if not weights[1].any():  # no brain pixels at all
+            if not (weights[0].any() and weights[1].any()):  # a set without brain pixels
                 distances[name] = math.inf
                 continue
             distance = stats.wasserstein_distance(centres, centres, *weights)

@@ -328,8 +328,10 @@ def build_decoder(embedding_dim, pixel_range, downsampling):
         x = layers.ReLU(name=f"up{i + 1}_relu")(x)
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", name=f"up{i + 1}")(x)
     x = layers.ReLU(name="out_relu")(x)
-    # float32 output keeps the loss exact under a mixed-precision policy
-    x = layers.Conv2D(1, 3, padding="same", dtype="float32", name="to_image")(x)
+    # float32 output keeps the loss exact under a mixed-precision policy; the output starts at
+    # the black background (most of a skull-stripped slice), so training goes to the brain
+    x = layers.Conv2D(1, 3, padding="same", dtype="float32", name="to_image",
+                      bias_initializer=keras.initializers.Constant(pixel_range[0]))(x)
     images = ClipToPixelRange(*pixel_range, dtype="float32", name="clip")(x)
     return keras.Model(latents, images, name="decoder")
 
@@ -396,6 +398,20 @@ class VQVAE(keras.Model):
     def decode_indices(self, indices):
         """Code maps (B, h, w) -> images (B, s*h, s*w, 1)."""
         return self.decoder(self.quantizer.lookup(indices))
+
+    def mirror(self, images):
+        """The left-right mirror images of images (B, H, W, 1), registered to the code grid.
+
+        The encoder's stride-2 'same' convolutions pad only on the right of an even width, so
+        code column j is centred on pixel s*j + s - 1, s = downsampling. Shifted right by s - 1
+        pixels (the background fills the left edge), a mirrored image puts its codes on the
+        mirror of the original's grid: a mirror-symmetric encoder then maps it to the mirror of
+        the original's code map.
+        """
+        shift = self.downsampling - 1
+        mirrored = ops.flip(images, axis=2)
+        background = ops.full_like(mirrored[:, :, :shift], self.pixel_range[0])
+        return ops.concatenate([background, mirrored[:, :, :-shift]], axis=2)
 
     @property
     def metrics(self):

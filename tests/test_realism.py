@@ -179,6 +179,14 @@ def test_anatomy_distance_is_in_units_of_the_reference_spread():
         assert distance == pytest.approx(2.0 / reference[name].std(), rel=1e-9)
 
 
+@pytest.mark.parametrize("empty", ["reference", "other"])
+def test_a_set_without_brain_is_infinitely_far(empty):
+    """An untrained decoder draws black images: their intensities cannot be compared."""
+    brains = evaluation.anatomy_statistics(np.stack([0.8 * disk((32, 32), 20)] * 4))
+    black = evaluation.anatomy_statistics(np.zeros((4, SIZE, SIZE)))
+    sets = (black, brains) if empty == "reference" else (brains, black)
+    assert evaluation.anatomy_distances(*sets)["intensity"] == np.inf
+
 def test_every_image_of_the_larger_set_is_scored():
     # Half of the larger set is plainly different: its parts are tested in turn against the
     # smaller set, so the score is 0.75 whichever seed shuffles it. A single subsample the size
