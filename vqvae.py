@@ -399,20 +399,6 @@ class VQVAE(keras.Model):
         """Code maps (B, h, w) -> images (B, s*h, s*w, 1)."""
         return self.decoder(self.quantizer.lookup(indices))
 
-    def mirror(self, images):
-        """The left-right mirror images of images (B, H, W, 1), registered to the code grid.
-
-        The encoder's stride-2 'same' convolutions pad only on the right of an even width, so
-        code column j is centred on pixel s*j + s - 1, s = downsampling. Shifted right by s - 1
-        pixels (the background fills the left edge), a mirrored image puts its codes on the
-        mirror of the original's grid: a mirror-symmetric encoder then maps it to the mirror of
-        the original's code map.
-        """
-        shift = self.downsampling - 1
-        mirrored = ops.flip(images, axis=2)
-        background = ops.full_like(mirrored[:, :, :shift], self.pixel_range[0])
-        return ops.concatenate([background, mirrored[:, :, :-shift]], axis=2)
-
     @property
     def metrics(self):
         return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker]

@@ -108,41 +108,11 @@ def test_the_decoder_mirrors_the_encoder(downsampling):
     assert outputs == [*reversed(took_in[1:]), vqvae.FIRST_FILTERS]
 
 
-def mirror_symmetric(encoder):
-    """The encoder with every kernel averaged with its own left-right mirror."""
-    for layer in encoder.layers:
-        if isinstance(layer, keras.layers.Conv2D):
-            kernel = layer.kernel.numpy()
-            layer.kernel.assign((kernel + kernel[:, ::-1]) / 2)
-    return encoder
-
-
-@pytest.mark.parametrize("downsampling", [2, 4, 8])
-def test_a_registered_mirror_image_has_the_mirrored_code_map(downsampling):
-    """With mirror-symmetric kernels (and zero biases and background, so the 'same' padding's
-    zeros are background too) the codes of model.mirror(x) are exactly the mirror of x's codes;
-    a plain flip misses the grid by s - 1 pixels and does not give them."""
-    model = vqvae.VQVAE(64, 2, pixel_range=(0.0, 1.0), downsampling=downsampling)
-    images = np.zeros((2, 64, 64, 1), "float32")
-    images[:, 8:-8, 8:-8] = np.random.default_rng(0).uniform(size=(2, 48, 48, 1))
-    model(images)
-    mirror_symmetric(model.encoder)
-    codes = model.encode_to_indices(images).numpy()
-    np.testing.assert_array_equal(model.encode_to_indices(model.mirror(images)),
-                                  codes[:, :, ::-1])
-    assert np.mean(model.encode_to_indices(images[:, :, ::-1]).numpy() == codes[:, :, ::-1]) < 0.9
-
-
-def test_a_mirror_image_keeps_the_background_colour():
-    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=4)
-    images = np.full((1, 8, 8, 1), PIXEL_RANGE[1], "float32")
-    mirrored = model.mirror(images).numpy()
-    assert (mirrored[:, :, :3] == PIXEL_RANGE[0]).all() and (mirrored[:, :, 3:] == PIXEL_RANGE[1]).all()
-
 def test_an_untrained_decoder_draws_the_black_background():
     model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
     images = np.random.default_rng(0).uniform(*PIXEL_RANGE, size=(2, 32, 32, 1))
     assert abs(float(np.mean(model(images))) - PIXEL_RANGE[0]) < 0.05
+
 
 def test_training_reduces_loss():
     keras.utils.set_random_seed(0)
