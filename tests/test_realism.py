@@ -187,6 +187,7 @@ def test_a_set_without_brain_is_infinitely_far(empty):
     sets = (black, brains) if empty == "reference" else (brains, black)
     assert evaluation.anatomy_distances(*sets)["intensity"] == np.inf
 
+
 def test_every_image_of_the_larger_set_is_scored():
     # Half of the larger set is plainly different: its parts are tested in turn against the
     # smaller set, so the score is 0.75 whichever seed shuffles it. A single subsample the size
