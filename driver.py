@@ -150,6 +150,8 @@ DEFAULT_SAMPLES = 256
 # The slice-conditional prior fits the demo's test codes better and draws the anatomy of the
 # height asked for (README, "Slice-conditional prior").
 DEFAULT_CONDITION = "slice"
+# --pcnn-positions: whether the prior learns where each code is (pixelcnn.PositionEmbedding).
+POSITIONS = ("none", "learned")
 
 
 def build_parser():
@@ -228,6 +230,10 @@ def build_parser():
                             "(slice_<n>; section 2.3 of the PixelCNN paper), gated prior only "
                             f"(default: {DEFAULT_CONDITION} for the gated prior, none for the "
                             "plain one)")
+    prior.add_argument("--pcnn-positions", choices=POSITIONS, default="none",
+                       help="learned: each code's embedding is added to a learned embedding of "
+                            "its row and column, so that the prior knows where the map ends "
+                            "(gated prior only; default: %(default)s)")
     prior.add_argument("--slice", type=slice_list, default=None,
                        help="heights to sample with --condition slice: one or a comma-separated "
                             "list of relative heights (0.2,0.5,0.8; values with a '.') or slice "
@@ -292,6 +298,8 @@ def parse_args(argv=None):
         args.condition = DEFAULT_CONDITION if args.pcnn_type == "gated" else "none"
     if args.condition != "none" and args.pcnn_type != "gated":
         parser.error(f"argument --condition: {args.condition} needs --pcnn-type gated")
+    if args.pcnn_positions != "none" and args.pcnn_type != "gated":
+        parser.error(f"argument --pcnn-positions: {args.pcnn_positions} needs --pcnn-type gated")
     if args.slice is not None and args.condition != "slice":
         parser.error("argument --slice: only a prior with --condition slice takes heights")
     return args
@@ -735,6 +743,11 @@ def code_dataset(codes, heights, batch_size, seed=None):
     return sharded_by_data(data.batch(batch_size).prefetch(PREFETCHED_BATCHES))
 
 
+def prior_positions(args, grid_shape):
+    """build_pixelcnn's positions: the code grid when the prior learns positions, else None."""
+    return tuple(grid_shape) if args.pcnn_positions == "learned" else None
+
+
 def train_prior(codes, heights, args, checkpoints, strategy):
     """The prior, trained on the training split's code maps (and, when conditional, their
     heights), validated on the validation split's."""
@@ -746,7 +759,8 @@ def train_prior(codes, heights, args, checkpoints, strategy):
         prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
                                         args.pcnn_layers, kind=args.pcnn_type,
                                         dilation_cycle=args.pcnn_dilation_cycle,
-                                        condition=args.condition)
+                                        condition=args.condition,
+                                        positions=prior_positions(args, train_codes.shape[1:]))
         prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     fit(prior, code_dataset(train_codes, heights["train"], args.batch_size, args.seed),
@@ -1014,7 +1028,9 @@ SETTINGS_FILE = "settings.json"
 MODEL_FLAGS = ("data", "image_size", "shift", "downsample", "K", "D", "beta", "quantizer",
                "ema_decay", "restart_threshold", "epochs", "batch_size", "learning_rate",
                "pcnn_type", "pcnn_epochs", "pcnn_learning_rate", "pcnn_filters", "pcnn_res_blocks",
-               "pcnn_dilation_cycle", "pcnn_layers", "condition", "seed")
+               "pcnn_dilation_cycle", "pcnn_layers", "condition", "pcnn_positions", "seed")
+# What models saved before a flag existed were trained with.
+LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none"}
 
 
 def model_settings(args):
@@ -1027,8 +1043,7 @@ def trained_settings(args):
     settings_file = args.checkpoint_dir / SETTINGS_FILE
     if not settings_file.exists():
         return args
-    # models saved before --condition existed are unconditional
-    saved = {"condition": "none"} | json.loads(settings_file.read_text())
+    saved = LEGACY_SETTINGS | json.loads(settings_file.read_text())
     trained = {flag: value for flag, value in saved.items()
                if flag in MODEL_FLAGS and flag != "data"}
     return argparse.Namespace(**(vars(args) | trained))
@@ -1047,7 +1062,7 @@ def prepare_checkpoints(args):
             checkpoint.remove()
         settings_file.unlink(missing_ok=True)
     if settings_file.exists():
-        saved = json.loads(settings_file.read_text())
+        saved = LEGACY_SETTINGS | json.loads(settings_file.read_text())
         changed = sorted(k for k in MODEL_FLAGS if saved.get(k) != model_settings(args)[k])
         if changed:
             raise PipelineError(f"{folder} holds a run made with other settings "

@@ -13,7 +13,8 @@ Either may dilate its blocks' masked convolutions in cycles 1, 2, 4, .. (as Wave
 a few blocks see a whole code map.
 
 The gated prior may also be conditioned on each slice's relative height h in [0, 1] (section 2.3 of
-the paper): it then models p(c | h), and takes (codes, heights) -> logits.
+the paper): it then models p(c | h), and takes (codes, heights) -> logits. And it may be told
+where each code is: a learned embedding of its row and column added to its code's embedding.
 """
 
 import collections
@@ -230,6 +231,56 @@ class HeightEmbedding(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class PositionEmbedding(layers.Layer):
+    """Embedded codes (B, h, w, F) + a learned vector for each position's row and one for its
+    column, so that the prior knows where in the map a code is: where the map ends, whose last
+    row and column the encoder's padding fills with codes of their own, a convolution could
+    only count from the top edge. PixelSNAIL reads positions from its input likewise. A
+    position's vectors depend on no code, so they change neither causality nor the receptive
+    field; the prior then takes only maps of `grid_shape`.
+
+    Args:
+        grid_shape: (h, w) of the code maps.
+    """
+
+    rows_above, columns_left, columns_right = 0, 0, 0
+
+    def __init__(self, grid_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.grid_shape = tuple(grid_shape)
+
+    def build(self, input_shape):
+        height, width = self.grid_shape
+        filters = input_shape[-1]
+        self.rows = self.add_weight(name="rows", shape=(height, filters),
+                                    initializer="random_normal")
+        self.columns = self.add_weight(name="columns", shape=(width, filters),
+                                       initializer="random_normal")
+
+    def check_grid(self, grid_shape):
+        if tuple(grid_shape) != self.grid_shape:
+            raise ValueError(f"{self.name}: this prior knows positions on code maps of "
+                             f"{self.grid_shape}, got maps of {tuple(grid_shape)}")
+
+    def call(self, embedded):
+        if None not in embedded.shape[1:3]:
+            self.check_grid(embedded.shape[1:3])
+        return embedded + self.at()
+
+    def at(self, row=None, col=None):
+        """The position vectors to add at one row (1, 1, w, F), at one code (1, 1, 1, F), or
+        everywhere (1, h, w, F)."""
+        rows = self.rows[:, None, :] if row is None else self.rows[row][None, None, :]
+        columns = self.columns[None] if col is None else self.columns[col][None, None, :]
+        return ops.cast(rows + columns, self.compute_dtype)[None]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(grid_shape=self.grid_shape)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class AddCondition(layers.Layer):
     """x (B, h, w, C) + V^T h (B, C) at every position: the conditioning term of eq. 4. The same
     at every position, so it changes neither causality nor the receptive field."""
@@ -359,7 +410,7 @@ CONDITIONS = ("none", "slice")
 
 
 def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind,
-                   dilation_cycle, condition="none"):
+                   dilation_cycle, condition="none", positions=None):
     """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K), or, conditioned on the
     slice's height, [code maps, relative heights (B,) in [0, 1]] -> logits. driver.py's flags
     hold the defaults.
@@ -375,6 +426,8 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
             `block_dilations`); 1 dilates nothing.
         condition: "none", or "slice": a learned embedding of the height is added before every
             gate of both stacks (eq. 4 of the paper); gated priors only.
+        positions: None, or the code grid (h, w): each code's embedding is then added to a
+            learned embedding of its row and column (`PositionEmbedding`); gated priors only.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -384,10 +437,15 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     if condition != "none" and kind != "gated":
         raise ValueError(f"condition {condition!r} needs the gated prior, got kind {kind!r}")
-    codes = keras.Input(shape=(None, None), dtype="int32", name="codes")
+    if positions is not None and kind != "gated":
+        raise ValueError(f"positions need the gated prior, got kind {kind!r}")
+    codes = keras.Input(shape=(None, None) if positions is None else tuple(positions),
+                        dtype="int32", name="codes")
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
     # one-hot tensor.
     embedded = layers.Embedding(num_embeddings, filters, name="embedding")(codes)
+    if positions is not None:
+        embedded = PositionEmbedding(positions, name="position_embedding")(embedded)
     if condition == "slice":
         heights = keras.Input(shape=(), name="heights")
         conditions = [HeightEmbedding(filters, HEIGHT_KNOTS, name="height_embedding")(heights)]
@@ -525,7 +583,7 @@ class _WindowedSteps:
         context = codes[:, top : top + self.rows, left : left + self.columns]  # (B, rows, cols)
         return self.prior(context, training=False)[:, row - top, col - left], top  # (B, K)
 
-    def after_draw(self, top, col, values):
+    def after_draw(self, top, row, col, values):
         return top  # the next window reads the drawn code from the map
 
     def end_row(self, codes, row, map_state, conditions):
@@ -627,6 +685,11 @@ class _GatedSteps:
     def __init__(self, prior, grid_shape):
         self.height, self.width = grid_shape
         self.embedding = prior.get_layer("embedding")
+        self.position = (prior.get_layer("position_embedding")
+                         if any(layer.name == "position_embedding" for layer in prior.layers)
+                         else None)
+        if self.position is not None:
+            self.position.check_grid(grid_shape)
         self.vertical = prior.get_layer("vertical_stack")
         self.horizontal = prior.get_layer("horizontal_stack")
         self.vertical_steps = _layer_steps(self.vertical)
@@ -649,6 +712,11 @@ class _GatedSteps:
     def channels(self, model, name):
         return model.get_layer(name).output.shape[-1]
 
+    def embedded(self, codes, row, col=None):
+        """The prior's embedding of the codes at one row (B, 1, w) or at one code (B, 1, 1)."""
+        embedded = self.embedding(codes)
+        return embedded if self.position is None else embedded + self.position.at(row, col)
+
     def conditions(self, heights):
         """The stacks' condition inputs, the embedded heights (B, F), and every layer that
         reads only them (the projections V^T h, (B, 2F)), by name; or none. Computed once per
@@ -668,7 +736,7 @@ class _GatedSteps:
 
     def vertical_row(self, codes, row, above, conditions):
         """The vertical stack's outputs at `row`, from the codes there."""
-        values = {self.vertical_input: self.embedding(codes[:, row : row + 1]),  # (B, 1, w, F)
+        values = {self.vertical_input: self.embedded(codes[:, row : row + 1], row),  # (B, 1, w, F)
                   **conditions}
         return _run_at(self.vertical_steps, values, "at_row",
                        lambda source, n: above[source][:, -n, None])
@@ -706,10 +774,10 @@ class _GatedSteps:
                    for name, array in history.items()}
         return values[self.logits][:, 0, 0], {**state, "history": history}  # (B, K)
 
-    def after_draw(self, state, col, values):
+    def after_draw(self, state, row, col, values):
         history = dict(state["history"])
         history[self.embedded_input] = history[self.embedded_input].write(
-            col + self.pad, self.embedding(values)[:, None, None])
+            col + self.pad, self.embedded(values[:, None, None], row, col))
         return {**state, "history": history}
 
     def end_row(self, codes, row, above, conditions):
@@ -761,7 +829,7 @@ def code_sampler(prior, grid_shape):
                 logits, state = steps.logits_at(codes, row, col, state, conditions)
                 values = draw_codes(logits, temperature, seed, row * width + col)
                 codes = _write_codes(codes, row, col, values)
-                state = steps.after_draw(state, col, values)
+                state = steps.after_draw(state, row, col, values)
             above = steps.end_row(codes, row, above, conditions)
         return codes
 

@@ -19,11 +19,12 @@ PRIORS = [(kind, cycle) for cycle in (1, 2) for kind in KINDS]
 HEIGHTS = np.array([0.0, 0.37, 3 / 7, 1.0], "float32")
 
 
-def random_prior(kind, seed=0, residual_blocks=2, dilation_cycle=1, condition="none"):
+def random_prior(kind, seed=0, residual_blocks=2, dilation_cycle=1, condition="none",
+                 positions=None):
     keras.utils.set_random_seed(seed)
     prior = pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=residual_blocks,
                                     output_layers=1, kind=kind, dilation_cycle=dilation_cycle,
-                                    condition=condition)
+                                    condition=condition, positions=positions)
     # random biases too, so that no layer's output is trivially zero
     for weight in prior.weights:
         if "bias" in weight.path:
@@ -332,3 +333,74 @@ def test_build_refuses_an_unknown_or_plain_condition():
         pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=1, condition="slcie")
     with pytest.raises(ValueError, match="gated"):
         pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="plain", dilation_cycle=1, condition="slice")
+
+
+# ---------------------------------------------------------------------------------------------
+# The position-aware prior
+
+
+def positioned_prior(condition="none", grid=GRID):
+    return random_prior("gated", dilation_cycle=2, condition=condition, positions=grid)
+
+
+def test_a_position_reaches_every_later_code_and_never_its_own():
+    """The logits at (0, 0) read no position (nothing comes before the first code); every later
+    code's read its left neighbour's or the row above's."""
+    prior = positioned_prior()
+    codes = np.random.default_rng(2).integers(0, K, size=(1, *GRID))
+    base = prior(codes).numpy()[0]
+    for vectors in prior.get_layer("position_embedding").weights:
+        vectors.assign(np.zeros(vectors.shape))
+    changes = moved(prior(codes).numpy()[0], base)
+    position = np.arange(np.prod(GRID)).reshape(GRID)
+    np.testing.assert_array_equal(changes, position > 0)
+
+
+def test_positioned_logits_never_depend_on_the_same_or_later_codes(float64):
+    """(In float64: the far corner of the reach moves the next code by ~1e-7 in float32.)"""
+    prior = positioned_prior(condition="slice")
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, K, size=(1, *GRID)).repeat(len(HEIGHTS), 0)
+    base = prior([codes, HEIGHTS]).numpy()
+    position = np.arange(np.prod(GRID)).reshape(GRID)
+    for here, (row, col) in enumerate(np.ndindex(*GRID)):
+        changed = codes.copy()
+        changed[:, row, col] = (codes[:, row, col] + 1) % K
+        changes = moved(prior([changed, HEIGHTS]).numpy(), base)  # (heights, h, w)
+        assert not changes[:, position <= here].any(), (row, col)
+        assert changes[:, position == here + 1].all() or here + 1 == position.size, (row, col)
+
+
+def test_positions_keep_the_receptive_field():
+    reaches = [pixelcnn.receptive_field(prior)
+               for prior in (random_prior("gated", dilation_cycle=2), positioned_prior())]
+    assert reaches[0] == reaches[1]
+
+
+@pytest.mark.parametrize("condition", pixelcnn.CONDITIONS)
+def test_fast_sampler_draws_what_the_naive_loop_draws_with_positions(condition):
+    reach = pixelcnn.receptive_field(random_prior("gated", dilation_cycle=2))
+    grid = (reach.rows_above + 3, reach.columns_left + 3)  # larger than the windows
+    prior = positioned_prior(condition, grid)
+    heights = HEIGHTS if condition == "slice" else None
+    fast = pixelcnn.sample_codes(prior, len(HEIGHTS), grid, seed=7, heights=heights).numpy()
+    naive = pixelcnn.sample_codes_naive(prior, len(HEIGHTS), grid, seed=7,
+                                        heights=heights).numpy()
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_positioned_save_load_round_trip(tmp_path):
+    prior = positioned_prior(condition="slice")
+    codes = np.random.default_rng(3).integers(0, K, size=(len(HEIGHTS), *GRID))
+    prior.save(tmp_path / "prior.keras")
+    loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
+    np.testing.assert_array_equal(prior([codes, HEIGHTS]).numpy(),
+                                  loaded([codes, HEIGHTS]).numpy())
+
+
+def test_a_positioned_prior_refuses_another_grid():
+    prior = positioned_prior()
+    with pytest.raises(ValueError, match="code maps of"):
+        pixelcnn.sample_codes(prior, 2, (GRID[0] + 1, GRID[1]))
+    with pytest.raises(ValueError, match="gated"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="plain", dilation_cycle=1, positions=GRID)
