@@ -813,6 +813,8 @@ def evaluate(models, splits, sampled, codes, heights, args):
             "c2st_vs_reconstructions": samples_vs_reconstructions["c2st_accuracy"],
             "c2st_vs_reconstructions_stderr": samples_vs_reconstructions["c2st_stderr"],
             "anatomy_vs_reconstructions": samples_vs_reconstructions["anatomy"],
+            "touching_border": float(evaluation.touches_border(sampled_images).mean()),
+            "real_touching_border": float(evaluation.touches_border(originals).mean()),
             "nn_ssim": float(evaluation.nearest_neighbour_ssim(
                 sampled_images, splits.pixels("train")).mean()),
             "pairwise_ssim": evaluation.pairwise_ssim(sampled_images, args.seed),

@@ -37,6 +37,10 @@ INTENSITY_BINS = 32
 # in every image, say): its natural resolution.
 SPREAD_FLOOR = {"brain_area": 0.01, "pieces": 0.5, "symmetry": 0.01, "solidity": 0.01,
                 "midline_contrast": 0.01, "intensity": 1 / 255}
+# Skull-stripped slices are centred on black: brain within this share of the side of an edge (8
+# pixels at 256x256, the code map's outer row of codes at downsample 8) is brain where a real
+# slice has none (the demo's come no closer than 16 pixels at 256x256).
+BORDER_SHARE = 1 / 32
 # The midline band read by midline_contrast: this share of the image width on either side.
 MIDLINE_HALF_WIDTH = 1 / 64
 ANATOMY = tuple(SPREAD_FLOOR)
@@ -259,6 +263,16 @@ def anatomy_of(image):
         "solidity": solidity(labels == pieces[0]),
         "midline_contrast": midline_contrast(image, mask),
     }
+
+
+def touches_border(images):
+    """Whether each image (N, H, W) in [0, 1] has brain within BORDER_SHARE of the side of an
+    edge: a fragment at the image border, or a brain cut off by it."""
+    images = as_gray(images)
+    margin = max(1, round(BORDER_SHARE * images.shape[1]))
+    frame = np.ones(images.shape[1:], bool)
+    frame[margin:-margin, margin:-margin] = False
+    return ((images > BRAIN_THRESHOLD) & frame).any(axis=(1, 2))
 
 
 def anatomy_statistics(images):

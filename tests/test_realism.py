@@ -98,6 +98,25 @@ def test_two_halves_of_real_images_pass(sources, name):
     assert 0 < result["c2st_stderr"] < 0.05
 
 
+@pytest.mark.parametrize("name", ["demo", "synthetic"])
+def test_brain_at_the_border_is_flagged_and_real_slices_are_not(sources, name):
+    real, train = sources[name]
+    assert not evaluation.touches_border(real).any()
+    assert not evaluation.touches_border(train).any()
+    moved = evaluation.shuffled_tiles(real, np.random.default_rng(1))  # brain in corner tiles
+    assert evaluation.touches_border(moved).mean() >= 0.9
+
+
+def test_the_border_is_the_outer_thirty_second_of_the_side():
+    image = np.zeros((1, SIZE, SIZE), "float32")
+    margin = SIZE // 32
+    inside, at_the_edge = image.copy(), image.copy()
+    inside[0, margin, margin:-margin] = 1  # the first row inside the border
+    at_the_edge[0, SIZE - margin, SIZE // 2] = 1  # one pixel in the bottom border
+    assert not evaluation.touches_border(inside)[0]
+    assert evaluation.touches_border(at_the_edge)[0]
+
+
 def test_the_test_is_seeded():
     images = synthetic_brains(40, np.random.default_rng(3))
     first, second = evaluation.realism_summary(images[:20]), evaluation.realism_summary(images[20:])
