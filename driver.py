@@ -152,6 +152,7 @@ DEFAULT_SAMPLES = 256
 DEFAULT_CONDITION = "slice"
 # --pcnn-positions: whether the prior learns where each code is (pixelcnn.PositionEmbedding).
 POSITIONS = ("none", "learned")
+DEFAULT_POSITIONS = "none"
 
 
 def build_parser():
@@ -230,10 +231,11 @@ def build_parser():
                             "(slice_<n>; section 2.3 of the PixelCNN paper), gated prior only "
                             f"(default: {DEFAULT_CONDITION} for the gated prior, none for the "
                             "plain one)")
-    prior.add_argument("--pcnn-positions", choices=POSITIONS, default="none",
+    prior.add_argument("--pcnn-positions", choices=POSITIONS,
                        help="learned: each code's embedding is added to a learned embedding of "
-                            "its row and column, so that the prior knows where the map ends "
-                            "(gated prior only; default: %(default)s)")
+                            "its row and column, so that the prior knows where the map ends; "
+                            f"gated prior only (default: {DEFAULT_POSITIONS} for the gated "
+                            "prior, none for the plain one)")
     prior.add_argument("--slice", type=slice_list, default=None,
                        help="heights to sample with --condition slice: one or a comma-separated "
                             "list of relative heights (0.2,0.5,0.8; values with a '.') or slice "
@@ -298,6 +300,8 @@ def parse_args(argv=None):
         args.condition = DEFAULT_CONDITION if args.pcnn_type == "gated" else "none"
     if args.condition != "none" and args.pcnn_type != "gated":
         parser.error(f"argument --condition: {args.condition} needs --pcnn-type gated")
+    if args.pcnn_positions is None:
+        args.pcnn_positions = DEFAULT_POSITIONS if args.pcnn_type == "gated" else "none"
     if args.pcnn_positions != "none" and args.pcnn_type != "gated":
         parser.error(f"argument --pcnn-positions: {args.pcnn_positions} needs --pcnn-type gated")
     if args.slice is not None and args.condition != "slice":

@@ -34,13 +34,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def build_prior(condition):
-    defaults = driver.build_parser()
+def build_prior(condition, grid):
+    args = driver.parse_args([])
     keras.utils.set_random_seed(0)
     prior = pixelcnn.build_pixelcnn(
-        defaults.get_default("K"), defaults.get_default("pcnn_filters"),
-        defaults.get_default("pcnn_res_blocks"), defaults.get_default("pcnn_layers"), "gated",
-        defaults.get_default("pcnn_dilation_cycle"), condition)
+        args.K, args.pcnn_filters, args.pcnn_res_blocks, args.pcnn_layers, "gated",
+        args.pcnn_dilation_cycle, condition, driver.prior_positions(args, (grid, grid)))
     prior.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return prior
@@ -62,7 +61,7 @@ def main():
     drawn_at = np.linspace(0.0, 1.0, args.batch, dtype="float32")
     runs = {}
     for condition in pixelcnn.CONDITIONS:
-        prior = build_prior(condition)
+        prior = build_prior(condition, args.grid)
         data = driver.code_dataset(codes, None if condition == "none" else heights, args.batch)
         sampler = pixelcnn.code_sampler(prior, (args.grid, args.grid))
         at = None if condition == "none" else drawn_at

@@ -35,8 +35,8 @@ def parse_args():
                         metavar=("K", "FILTERS", "BLOCKS", "CYCLE"),
                         help="time a gated prior with random weights instead of --checkpoint: K "
                              "codes, FILTERS channels, BLOCKS gated blocks dilated by "
-                             "2 ** (block %% CYCLE), driver.py's default output layers and "
-                             "--condition "
+                             "2 ** (block %% CYCLE), driver.py's default output layers, "
+                             "--condition and --pcnn-positions "
                              "(default: off)")
     parser.add_argument("--batch", type=int, default=16, help="maps sampled at once (default: 16)")
     parser.add_argument("--grid", type=int, default=driver.DEMO_DEFAULTS["image_size"]
@@ -55,13 +55,15 @@ def load_prior(args):
     if args.random_prior:
         num_embeddings, filters, blocks, cycle = args.random_prior
         keras.utils.set_random_seed(args.seed)
-        defaults = driver.build_parser()
+        defaults = driver.parse_args([])
         condition = driver.DEFAULT_CONDITION  # the gated prior's
-        prior = pixelcnn.build_pixelcnn(num_embeddings, filters, blocks,
-                                        defaults.get_default("pcnn_layers"), "gated",
-                                        dilation_cycle=cycle, condition=condition)
+        prior = pixelcnn.build_pixelcnn(
+            num_embeddings, filters, blocks, defaults.pcnn_layers, "gated",
+            dilation_cycle=cycle, condition=condition,
+            positions=driver.prior_positions(defaults, (args.grid, args.grid)))
         return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
-                       f"dilation cycle {cycle}, condition {condition}")
+                       f"dilation cycle {cycle}, condition {condition}, positions "
+                       f"{defaults.pcnn_positions}")
     if not args.checkpoint.exists():
         sys.exit(f"sampling.py: error: no prior at {args.checkpoint}; run python driver.py --demo "
                  "first, or pass --checkpoint or --random-prior")

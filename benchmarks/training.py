@@ -256,7 +256,8 @@ def compiled_prior(model_name, args):
     else:
         prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
                                         args.pcnn_layers, kind=args.pcnn_type,
-                                        dilation_cycle=args.pcnn_dilation_cycle)
+                                        dilation_cycle=args.pcnn_dilation_cycle,
+                                        positions=driver.prior_positions(args, (grid, grid)))
     prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return prior

@@ -23,7 +23,7 @@ def test_help_lists_every_flag():
                  "--pcnn-res-blocks", "--pcnn-layers", "--out", "--checkpoint-dir",
                  "--image-size", "--seed", "--demo", "--evaluate", "--fresh", "--num-samples",
                  "--temperature", "--pcnn-type", "--strategy", "--mixed-precision", "--condition",
-                 "--slice"):
+                 "--slice", "--pcnn-positions"):
         assert flag in result.stdout, flag
 
 
@@ -38,7 +38,8 @@ def test_tiny_run_writes_every_output(tiny_run):
         ("samples", "c2st_accuracy"), ("samples", "c2st_stderr"), ("samples", "n_real"),
         ("samples", "n_samples"), ("samples", "c2st_vs_reconstructions"),
         ("vqvae", "brain_codebook_perplexity"), ("vqvae", "brain_code_share"),
-        ("vqvae", "c2st_reconstructions")]}
+        ("vqvae", "c2st_reconstructions"), ("samples", "touching_border"),
+        ("samples", "real_touching_border")]}
     expected |= {f"samples.{key}.{name}" for key in ("anatomy", "anatomy_vs_reconstructions")
                  for name in evaluation.ANATOMY}
     assert expected <= set(flattened(metrics))

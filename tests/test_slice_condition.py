@@ -62,6 +62,13 @@ def test_the_plain_prior_is_unconditional_and_refuses_conditioning(capsys):
     assert "--condition" in message and "gated" in message
 
 
+def test_the_plain_prior_learns_no_positions(capsys):
+    assert driver.parse_args([]).pcnn_positions == driver.DEFAULT_POSITIONS
+    assert driver.parse_args(["--pcnn-type", "plain"]).pcnn_positions == "none"
+    message = one_line_error(capsys, ["--pcnn-type", "plain", "--pcnn-positions", "learned"])
+    assert "--pcnn-positions" in message and "gated" in message
+
+
 def test_sample_heights():
     test_heights = np.array([1, 0.5, 0, 0.5, 1, 0])
     # without --slice: the test slices' heights, as many samples at each as the test split has
