@@ -39,7 +39,7 @@ SPREAD_FLOOR = {"brain_area": 0.01, "pieces": 0.5, "symmetry": 0.01, "solidity":
                 "midline_contrast": 0.01, "intensity": 1 / 255}
 # Skull-stripped slices are centred on black: brain within this share of the side of an edge (8
 # pixels at 256x256, the code map's outer row of codes at downsample 8) is brain where a real
-# slice has none (the demo's come no closer than 16 pixels at 256x256).
+# slice has none (tests/test_realism.py checks the demo's).
 BORDER_SHARE = 1 / 32
 # The midline band read by midline_contrast: this share of the image width on either side.
 MIDLINE_HALF_WIDTH = 1 / 64
