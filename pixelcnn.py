@@ -120,8 +120,10 @@ class MaskedConv2D(layers.Layer):
         output = self.bias
         for tap in range(self.used_rows):
             above = ops.pad(input_back((centre - tap) * self.dilation_rate), padding)
+            # one kernel row: only its columns are dilated (a (d, d) dilation of one row
+            # would convolve d times the rows, all but one zeros: 10x slower at d = 8)
             output = output + ops.conv(above, kernel[tap : tap + 1], padding="valid",
-                                       dilation_rate=self.dilation_rate)
+                                       dilation_rate=(1, self.dilation_rate))
         return output
 
     def used_taps(self, dtype):
