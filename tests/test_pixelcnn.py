@@ -293,7 +293,9 @@ def assert_causal_at_every_height(prior):
         assert changes[:, position == here + 1].all() or here + 1 == position.size, (row, col)
 
 
-def test_conditional_logits_never_depend_on_the_same_or_later_codes():
+def test_conditional_logits_never_depend_on_the_same_or_later_codes(float64):
+    """(In float64, as the positioned prior's: the next code's logits move by ~7e-6 in float32,
+    near the threshold of `moved`.)"""
     assert_causal_at_every_height(random_prior("gated", dilation_cycle=2, condition="slice"))
 
 
