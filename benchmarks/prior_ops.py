@@ -34,11 +34,11 @@ GRADIENT_SCOPE = "gradient_tape"
 PICOSECONDS_PER_MS = 1e9
 
 
-def recorded_space(model, data, logdir):
-    """The profiler's record of PROFILED_STEPS training steps, and their wall-clock seconds."""
+def recorded_space(run, logdir):
+    """The profiler's record of run(), and its wall-clock seconds."""
     tf.profiler.experimental.start(str(logdir))
     start = time.perf_counter()
-    model.fit(data, steps_per_epoch=PROFILED_STEPS, shuffle=False, verbose=0)
+    run()
     seconds = time.perf_counter() - start
     tf.profiler.experimental.stop()
     space = xplane_pb2.XSpace()
@@ -47,10 +47,10 @@ def recorded_space(model, data, logdir):
 
 
 def op_times(space):
-    """Picoseconds per op kind ("Conv2D", "grad Conv2DBackpropFilter", ..) on the compute
-    threads. An op's event is named "<node path>:<op kind>" (the executor's own events have no
-    node path); gradient nodes sit under gradient_tape."""
-    totals = collections.Counter()
+    """Picoseconds and calls per op kind ("Conv2D", "grad Conv2DBackpropFilter", ..) on the
+    compute threads. An op's event is named "<node path>:<op kind>" (the executor's own events
+    have no node path); gradient nodes sit under gradient_tape."""
+    totals, calls = collections.Counter(), collections.Counter()
     for plane in space.planes:
         names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
         for line in plane.lines:
@@ -61,7 +61,8 @@ def op_times(space):
                 if separator and "/" in path:
                     gradient = "grad " if GRADIENT_SCOPE in path else ""
                     totals[gradient + kind] += event.duration_ps
-    return totals
+                    calls[gradient + kind] += 1
+    return totals, calls
 
 
 def main():
@@ -73,8 +74,10 @@ def main():
     print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the start")
     model.fit(data, steps_per_epoch=WARM_UP_STEPS, shuffle=False, verbose=0)
     with tempfile.TemporaryDirectory() as logdir:
-        space, seconds = recorded_space(model, data, logdir)
-    totals = op_times(space)
+        space, seconds = recorded_space(
+            lambda: model.fit(data, steps_per_epoch=PROFILED_STEPS, shuffle=False, verbose=0),
+            logdir)
+    totals, _ = op_times(space)
     threads = sum(totals.values())
     grid = args.image_size // args.downsample
     print(f"prior: {args.pcnn_type}, {args.pcnn_res_blocks} blocks of {args.pcnn_filters} "

@@ -50,20 +50,24 @@ def parse_args():
     return parser.parse_args()
 
 
+def random_prior(num_embeddings, filters, blocks, cycle, grid, seed):
+    """(prior, description): a gated prior with random weights, driver.py's default output
+    layers, condition and positions, on grid x grid code maps."""
+    keras.utils.set_random_seed(seed)
+    defaults = driver.parse_args([])
+    condition = driver.DEFAULT_CONDITION  # the gated prior's
+    prior = pixelcnn.build_pixelcnn(
+        num_embeddings, filters, blocks, defaults.pcnn_layers, "gated", dilation_cycle=cycle,
+        condition=condition, positions=driver.prior_positions(defaults, (grid, grid)))
+    return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
+                   f"dilation cycle {cycle}, condition {condition}, positions "
+                   f"{defaults.pcnn_positions}")
+
+
 def load_prior(args):
     """(prior, description): the --random-prior or the --checkpoint."""
     if args.random_prior:
-        num_embeddings, filters, blocks, cycle = args.random_prior
-        keras.utils.set_random_seed(args.seed)
-        defaults = driver.parse_args([])
-        condition = driver.DEFAULT_CONDITION  # the gated prior's
-        prior = pixelcnn.build_pixelcnn(
-            num_embeddings, filters, blocks, defaults.pcnn_layers, "gated",
-            dilation_cycle=cycle, condition=condition,
-            positions=driver.prior_positions(defaults, (args.grid, args.grid)))
-        return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
-                       f"dilation cycle {cycle}, condition {condition}, positions "
-                       f"{defaults.pcnn_positions}")
+        return random_prior(*args.random_prior, args.grid, args.seed)
     if not args.checkpoint.exists():
         sys.exit(f"sampling.py: error: no prior at {args.checkpoint}; run python driver.py --demo "
                  "first, or pass --checkpoint or --random-prior")

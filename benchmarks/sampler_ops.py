@@ -1,0 +1,65 @@
+"""Where the fast sampler spends its time, op by op, from TensorFlow's profiler.
+
+    python benchmarks/sampler_ops.py        # driver.py's default prior and grid: about a minute
+
+The prior has driver.py's default size, condition and positions and random weights (as
+`sampling.py --random-prior` builds it); the sampler draws --maps code maps once to compile, then
+once profiled. The table gives each kind of op's time and calls per code drawn (one step of the
+raster loop, all maps at once). Two threads run ops side by side, so the shares are of the
+threads' time, not of the wall clock (see prior_ops.py).
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+import driver  # noqa: E402
+import pixelcnn  # noqa: E402
+from prior_ops import PICOSECONDS_PER_MS, op_times, recorded_space  # noqa: E402
+from sampling import random_prior  # noqa: E402
+from training import matmul_gflops  # noqa: E402
+
+PICOSECONDS_PER_US = PICOSECONDS_PER_MS / 1000
+
+
+def main():
+    defaults = driver.parse_args([])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--maps", type=int, default=defaults.num_samples,
+                        help="code maps drawn at once (default: driver.py's --num-samples, "
+                             "%(default)s)")
+    parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")
+    options = parser.parse_args()
+    grid = defaults.image_size // defaults.downsample
+    prior, description = random_prior(defaults.K, defaults.pcnn_filters,
+                                      defaults.pcnn_res_blocks, defaults.pcnn_dilation_cycle,
+                                      grid, seed=defaults.seed)
+    sampler = pixelcnn.code_sampler(prior, (grid, grid))
+    heights = np.linspace(0.0, 1.0, options.maps, dtype="float32")
+    print(f"matmul {matmul_gflops():.0f} GFLOP/s at the start")
+    sampler(options.maps, 1.0, defaults.seed + 1, heights)  # compiles
+    with tempfile.TemporaryDirectory() as logdir:
+        space, seconds = recorded_space(
+            lambda: sampler(options.maps, 1.0, defaults.seed, heights).numpy(), logdir)
+    totals, calls = op_times(space)
+    threads = sum(totals.values())
+    codes = grid * grid
+    print(f"prior: {description}, {options.maps} maps of {grid}x{grid}: {seconds:.1f} s "
+          f"while profiled, {seconds / codes * 1000:.2f} ms per code")
+    print(f"{'op':<35} {'us / code':>10} {'calls / code':>13} {'share':>6}")
+    for kind, picoseconds in totals.most_common(options.top):
+        print(f"{kind:<35} {picoseconds / PICOSECONDS_PER_US / codes:>10.0f} "
+              f"{calls[kind] / codes:>13.2f} {picoseconds / threads:>6.1%}")
+    print(f"{'all ops, summed over the compute threads':<49} "
+          f"{threads / PICOSECONDS_PER_US / codes:>10.0f} us / code")
+
+
+if __name__ == "__main__":
+    main()
