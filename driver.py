@@ -1088,9 +1088,22 @@ def trained(what, checkpoints, train, needs_training):
         raise PipelineError(f"no saved {what} at {checkpoints.keras_file}; train first (run "
                             "without --evaluate), point --checkpoint-dir at a finished run, or "
                             "in a cluster rerun every worker with --fresh")
-    model = keras.models.load_model(checkpoints.keras_file, safe_mode=True)
+    model = loaded(what, checkpoints.keras_file)
     print(f"{what} weights: sha256 {weights_fingerprint(model)}")
     return model
+
+
+def loaded(what, path):
+    """The model saved at path; a damaged file, or one saved by a version of this code whose
+    layers differ, is a PipelineError (Keras raises ValueError or TypeError)."""
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except (ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0].rstrip(":")
+        raise PipelineError(f"cannot load the {what} at {path} ({reason}): the file is damaged "
+                            "or was saved by another version of this code; retrain with "
+                            "--fresh (without --evaluate), or point --checkpoint-dir at "
+                            "another run") from error
 
 
 def weights_fingerprint(model):

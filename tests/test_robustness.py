@@ -53,6 +53,25 @@ def test_fresh_starts_over_and_other_settings_are_refused(copied_run, capsys):
     assert fresh.returncode == 0 and "Training the VQ-VAE" in fresh.stdout, fresh.stderr[-2000:]
 
 
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_a_damaged_checkpoint_is_named_and_kept(copied_run, capsys, evaluate):
+    """A finished run's .keras file cut short (a copy interrupted, a full disk), reloaded by
+    --evaluate or by a rerun of the same command: one line naming it, and nothing deleted."""
+    checkpoint = copied_run["checkpoints"] / "vqvae.keras"
+    damaged = checkpoint.read_bytes()[: checkpoint.stat().st_size // 2]
+    checkpoint.write_bytes(damaged)
+    metrics = (copied_run["out"] / "metrics.json").read_bytes()
+    # a rerun must name the data the run was made on (the copy's folder would be other settings)
+    data = json.loads((copied_run["checkpoints"] / driver.SETTINGS_FILE).read_text())["data"]
+    message = one_line_error(capsys, [
+        "--data", data, "--out", str(copied_run["out"]),
+        "--checkpoint-dir", str(copied_run["checkpoints"]), *TINY_RUN,
+        *(["--evaluate"] if evaluate else [])])
+    assert str(checkpoint) in message and "--fresh" in message, message
+    assert checkpoint.read_bytes() == damaged
+    assert (copied_run["out"] / "metrics.json").read_bytes() == metrics
+
+
 class PoisonWeights(keras.callbacks.Callback):
     """Keeps the weights after the first epoch, then turns them to NaN at the start of the
     second."""
