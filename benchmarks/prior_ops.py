@@ -77,18 +77,23 @@ def main():
         space, seconds = recorded_space(
             lambda: model.fit(data, steps_per_epoch=PROFILED_STEPS, shuffle=False, verbose=0),
             logdir)
-    totals, _ = op_times(space)
-    threads = sum(totals.values())
     grid = args.image_size // args.downsample
     print(f"prior: {args.pcnn_type}, {args.pcnn_res_blocks} blocks of {args.pcnn_filters} "
           f"filters, {grid}x{grid} maps, batch {args.batch_size}: "
           f"{PROFILED_STEPS * args.batch_size / seconds:.1f} maps/s while profiled")
-    print(f"{'op':<45} {'ms / step':>10} {'share':>6}")
-    for kind, picoseconds in totals.most_common(options.top):
-        print(f"{kind:<45} {picoseconds / PICOSECONDS_PER_MS / PROFILED_STEPS:>10.1f} "
-              f"{picoseconds / threads:>6.1%}")
+    print_op_table(*op_times(space), PROFILED_STEPS, "step", options.top)
+
+
+def print_op_table(totals, calls, repeats, unit, top):
+    """The `top` op kinds' time and calls per `unit` (the record holds `repeats` of them), and
+    their share of the compute threads' time."""
+    threads = sum(totals.values())
+    print(f"{'op':<45} {'ms / ' + unit:>10} {'calls / ' + unit:>12} {'share':>6}")
+    for kind, picoseconds in totals.most_common(top):
+        print(f"{kind:<45} {picoseconds / PICOSECONDS_PER_MS / repeats:>10.2f} "
+              f"{calls[kind] / repeats:>12.2f} {picoseconds / threads:>6.1%}")
     print(f"{'all ops, summed over the compute threads':<45} "
-          f"{threads / PICOSECONDS_PER_MS / PROFILED_STEPS:>10.1f}")
+          f"{threads / PICOSECONDS_PER_MS / repeats:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ import numpy as np  # noqa: E402
 
 import driver  # noqa: E402
 import pixelcnn  # noqa: E402
-from prior_ops import PICOSECONDS_PER_MS, op_times, recorded_space  # noqa: E402
+from prior_ops import op_times, print_op_table, recorded_space  # noqa: E402
 from sampling import random_prior  # noqa: E402
 from training import matmul_gflops  # noqa: E402
-
-PICOSECONDS_PER_US = PICOSECONDS_PER_MS / 1000
 
 
 def main():
@@ -48,17 +46,10 @@ def main():
     with tempfile.TemporaryDirectory() as logdir:
         space, seconds = recorded_space(
             lambda: sampler(options.maps, 1.0, defaults.seed, heights).numpy(), logdir)
-    totals, calls = op_times(space)
-    threads = sum(totals.values())
     codes = grid * grid
     print(f"prior: {description}, {options.maps} maps of {grid}x{grid}: {seconds:.1f} s "
           f"while profiled, {seconds / codes * 1000:.2f} ms per code")
-    print(f"{'op':<35} {'us / code':>10} {'calls / code':>13} {'share':>6}")
-    for kind, picoseconds in totals.most_common(options.top):
-        print(f"{kind:<35} {picoseconds / PICOSECONDS_PER_US / codes:>10.0f} "
-              f"{calls[kind] / codes:>13.2f} {picoseconds / threads:>6.1%}")
-    print(f"{'all ops, summed over the compute threads':<49} "
-          f"{threads / PICOSECONDS_PER_US / codes:>10.0f} us / code")
+    print_op_table(*op_times(space), codes, "code", options.top)
 
 
 if __name__ == "__main__":
