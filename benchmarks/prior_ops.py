@@ -88,10 +88,10 @@ def print_op_table(totals, calls, repeats, unit, top):
     """The `top` op kinds' time and calls per `unit` (the record holds `repeats` of them), and
     their share of the compute threads' time."""
     threads = sum(totals.values())
-    print(f"{'op':<45} {'ms / ' + unit:>10} {'calls / ' + unit:>12} {'share':>6}")
+    print(f"{'op':<45} {'ms / ' + unit:>10} {'calls / ' + unit:>13} {'share':>6}")
     for kind, picoseconds in totals.most_common(top):
         print(f"{kind:<45} {picoseconds / PICOSECONDS_PER_MS / repeats:>10.2f} "
-              f"{calls[kind] / repeats:>12.2f} {picoseconds / threads:>6.1%}")
+              f"{calls[kind] / repeats:>13.2f} {picoseconds / threads:>6.1%}")
     print(f"{'all ops, summed over the compute threads':<45} "
           f"{threads / PICOSECONDS_PER_MS / repeats:>10.2f}")
 
