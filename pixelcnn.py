@@ -121,7 +121,7 @@ class MaskedConv2D(layers.Layer):
         for tap in range(self.used_rows):
             above = ops.pad(input_back((centre - tap) * self.dilation_rate), padding)
             # one kernel row: only its columns are dilated (a (d, d) dilation of one row
-            # would convolve d times the rows, all but one zeros: 10x slower at d = 8)
+            # convolves d x d sub-maps, most of them zero rows: 4x slower at d = 8)
             output = output + ops.conv(above, kernel[tap : tap + 1], padding="valid",
                                        dilation_rate=(1, self.dilation_rate))
         return output
