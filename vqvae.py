@@ -6,7 +6,8 @@ minimises eq. 3 of the paper:
 
     L = ||x - D(z_q(x))||^2 + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
 
-with the straight-through estimator carrying the decoder's gradient past the argmin.
+with the straight-through estimator carrying the decoder's gradient past the argmin
+(`VQVAE.eq3_losses` divides the reconstruction term by the data variance).
 `EMAVectorQuantizer` instead moves the codebook by exponential moving averages (the paper's
 appendix A.1) and restarts codes that fall out of use (Jukebox, Dhariwal et al. 2020) where the
 codebook quantizes worst (k-means++'s seeding), so only the
@@ -21,30 +22,34 @@ from keras import layers, ops
 
 PACKAGE = "brain_vqvae"
 
-# The seed's encoder: two stride-2 3x3 convolutions (32 then 64 filters), so the code grid is
-# the image downsampled by 4 in each direction (as the paper's 128x128 -> 32x32); a coarser
-# grid adds stride-2 convolutions of 64 filters.
-DOWNSAMPLING = 4
+# The library's defaults are the paper's (driver.py's flags choose others); the rest are named
+# for where they come from.
+# The paper's code grid: its 128x128 images -> 32x32 codes, downsampling 4 in each direction.
+PAPER_DOWNSAMPLING = 4
+# The seed's encoder: two stride-2 3x3 convolutions (32 then 64 filters) for the paper's
+# downsampling 4; a coarser grid adds stride-2 convolutions of 64 filters.
 FIRST_FILTERS, FILTERS = 32, 64
 # Residual 3x3 blocks after the strided convolutions (section 4.1 of the paper uses two).
 RESIDUAL_BLOCKS = 2
-# The commitment weight of the paper (section 3.2); driver.py's --beta defaults to the seed's.
+# The commitment weight of the paper (section 3.2).
 PAPER_BETA = 0.25
+# The paper's main text learns the codebook by eq. 3's codebook term; "ema" is its appendix A.1.
+QUANTIZERS = ("loss", "ema")
+PAPER_QUANTIZER = "loss"
 # The EMA codebook's decay gamma (appendix A.1 of the paper and sonnet's VectorQuantizerEMA).
 PAPER_EMA_DECAY = 0.99
 # Sonnet's Laplace smoothing of the EMA counts: keeps an unused code's count above zero.
 LAPLACE_EPSILON = 1e-5
-# A code whose EMA count (its vectors per batch, averaged over about 1 / (1 - decay) batches)
-# falls below this is restarted. Jukebox uses 1; at 256x256 (32 maps of 32x32 per batch) codes
-# that rare were missing from the test split, and 4 used 0.97 of the codes instead of 0.89, with
-# a better test SSIM (0.916 against 0.913; README, "What we tried"). A code that gets a few of a
-# batch's thousands of vectors carries almost no information, and at decay 0.99 the count of a
-# code used 8 times per batch fluctuates by only about 0.2 (Poisson noise over ~100 batches), so
-# a live code is not restarted by chance.
+# Ours, not the paper's (it has no restarts; Jukebox restarts below 1): a code whose EMA count
+# (its vectors per batch, averaged over about 1 / (1 - decay) batches) falls below this is
+# restarted. A code that gets a few of a batch's thousands of vectors carries almost no
+# information, and codes that rare went missing from the 256x256 test split; restarting them
+# used more of the codebook and reconstructed the test split better (README, "What we tried").
+# The count averages a live code's Poisson noise over many batches, so a code used a little more
+# than this per batch is not restarted by chance.
 RESTART_THRESHOLD = 4.0
 # Added to the squared errors that weight the restarts' draw: keeps their logarithm finite.
 TINY_ERROR = 1e-12
-QUANTIZERS = ("loss", "ema")
 
 
 def codebook_initializer(num_embeddings):
@@ -80,6 +85,9 @@ class VectorQuantizer(layers.Layer):
 
     def code_indices(self, z_e):
         """Index of the nearest codebook vector (Euclidean) for every D-vector of z_e."""
+        # A direct call is not autocast: a mixed-precision encoder's float16 output meets the
+        # codebook's dtype here.
+        z_e = ops.cast(z_e, self.compute_dtype)
         flat = ops.reshape(z_e, (-1, self.embedding_dim))  # (B, H, W, D) -> (B*H*W, D)
         # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, without materialising every difference.
         distances = (
@@ -111,6 +119,40 @@ class VectorQuantizer(layers.Layer):
             num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim, beta=self.beta
         )
         return config
+
+
+def replica_context():
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        raise RuntimeError("an EMA codebook update under a tf.distribute strategy must run "
+                           "in strategy.run (as fit does), where each replica has its share")
+    return context
+
+
+def cross_replica_sum(values):
+    """A (nest of) tensor(s) summed over the replicas of a tf.distribute strategy, the same on
+    every replica; on one device, the values. Each replica holds a share of the batch, and the
+    codebook follows the global batch, so its statistics are aggregated across replicas
+    explicitly."""
+    return replica_context().all_reduce("sum", values)
+
+
+def global_batch(shares):
+    """Every replica's share of the batch, concatenated in replica order: (n_r, ...) -> (sum_r
+    n_r, ...) for each tensor of `shares`, the same on every replica. Shares may differ in size
+    (the last batch of an epoch) or be empty."""
+    context = replica_context()
+    replicas, replica = context.num_replicas_in_sync, context.replica_id_in_sync_group
+    size = ops.shape(tf.nest.flatten(shares)[0])[0]
+    # (replicas,) row counts; this replica holds global rows before .. before + size - 1
+    sizes = cross_replica_sum(ops.one_hot(replica, replicas, dtype="int32") * size)
+    before = ops.sum(ops.where(ops.arange(replicas) < replica, sizes, 0))
+    after = ops.sum(sizes) - before - size
+
+    def padded(share):  # zeros where the other replicas' rows go, which their sum fills exactly
+        return ops.pad(share, [[before, after]] + [[0, 0]] * (len(share.shape) - 1))
+
+    return cross_replica_sum(tf.nest.map_structure(padded, shares))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -176,69 +218,67 @@ class EMAVectorQuantizer(VectorQuantizer):
         return z_e + ops.stop_gradient(quantized - z_e)
 
     def update_codebook(self, z_e, indices):
-        """One EMA step (appendix A.1) on the global batch, then restarts of the unused codes."""
+        """One EMA step (appendix A.1) on the global batch, then the dead-code restart."""
         flat = ops.reshape(z_e, (-1, self.embedding_dim))  # (B, h, w, D) -> (B*h*w, D)
         indices = ops.reshape(indices, (-1,))  # (B, h, w) -> (B*h*w,)
-        context = tf.distribute.get_replica_context()
-        if context is None:
-            raise RuntimeError("an EMA codebook update under a tf.distribute strategy must run "
-                               "in strategy.run (as fit does), where each replica has its share")
-        # n_i and the sum of the z_e assigned to code i, over every replica's share of the batch
-        counts, sums = context.all_reduce("sum", (
-            ops.segment_sum(ops.ones_like(flat[:, 0]), indices, self.num_embeddings),
-            ops.segment_sum(flat, indices, self.num_embeddings),
-        ))
-        ema_counts = self.decay * self.ema_counts + (1 - self.decay) * counts
-        ema_sums = self.decay * self.ema_sums + (1 - self.decay) * sums
-        # Laplace smoothing: no code divides by a zero count, and the counts still sum to N.
-        total = ops.sum(ema_counts)
-        smoothed = ((ema_counts + self.epsilon)
-                    / (total + self.num_embeddings * self.epsilon) * total)
-        codebook = ema_sums / smoothed[:, None]
-
-        # Jukebox's restarts: a code whose count fell below the threshold moves to an encoder
-        # output of the batch, drawn where the codebook serves the batch worst. It enters with the count
-        # that one update decays to the threshold (and the matching sum), so it survives its next
-        # update even if that batch gives it no vector; comparing against decay * entry_count
-        # rather than the threshold keeps that true under float32 rounding.
-        entry_count = ops.convert_to_tensor(self.restart_threshold / self.decay, "float32")
-        dead = ema_counts < self.decay * entry_count
-        errors = ops.sum((flat - self.lookup(indices)) ** 2, axis=-1)  # ||z_e - e_k||^2
-        vectors = self.restart_vectors(flat, errors, context)
-        self.embeddings.assign(ops.where(dead[:, None], vectors, codebook))
-        self.ema_counts.assign(ops.where(dead, entry_count, ema_counts))
-        self.ema_sums.assign(ops.where(dead[:, None], entry_count * vectors, ema_sums))
+        counts, sums = self.moving_averages(flat, indices)
+        codebook = sums / self.laplace_smoothed(counts)[:, None]  # e_i = m_i / N_i
+        # ||z_e - e_k||^2 to the codebook the indices were chosen from, before it moves
+        errors = ops.sum((flat - self.lookup(indices)) ** 2, axis=-1)
+        codebook, counts, sums, dead = self.restart_dead_codes(
+            codebook, counts, sums, flat, errors)
+        self.embeddings.assign(codebook)
+        self.ema_counts.assign(counts)
+        self.ema_sums.assign(sums)
         self.restarts.assign_add(ops.sum(ops.cast(dead, "int64")))
         self.updates.assign_add(1)
 
-    def restart_vectors(self, flat, errors, context):
+    def moving_averages(self, flat, indices):
+        """Appendix A.1: N_i = gamma N_i + (1 - gamma) n_i and m_i = gamma m_i + (1 - gamma)
+        sum_j z_ij, with n_i the number of encoder outputs z_ij nearest to code i in the global
+        batch."""
+        n, z_sum = cross_replica_sum((
+            ops.segment_sum(ops.ones_like(flat[:, 0]), indices, self.num_embeddings),
+            ops.segment_sum(flat, indices, self.num_embeddings),
+        ))
+        counts = self.decay * self.ema_counts + (1 - self.decay) * n
+        sums = self.decay * self.ema_sums + (1 - self.decay) * z_sum
+        return counts, sums
+
+    def laplace_smoothed(self, counts):
+        """Sonnet's Laplace smoothing of the counts N_i: none is zero, and they still sum to N."""
+        total = ops.sum(counts)
+        return (counts + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
+
+    def restart_dead_codes(self, codebook, counts, sums, flat, errors):
+        """Jukebox's restarts: a code whose count fell below the threshold moves to an encoder
+        output of the batch (`restart_vectors`). Returns the codebook, counts and sums after the
+        restarts, and which codes restarted."""
+        # A restarted code enters with the count that one update decays to the threshold (and
+        # the matching sum), so it survives its next update even if that batch gives it no
+        # vector; comparing against decay * entry_count rather than the threshold keeps that
+        # true under float32 rounding.
+        entry_count = ops.convert_to_tensor(self.restart_threshold / self.decay, "float32")
+        dead = counts < self.decay * entry_count
+        vectors = self.restart_vectors(flat, errors)
+        return (ops.where(dead[:, None], vectors, codebook),
+                ops.where(dead, entry_count, counts),
+                ops.where(dead[:, None], entry_count * vectors, sums),
+                dead)
+
+    def restart_vectors(self, flat, errors):
         """K rows of the global batch's (B*h*w, D) encoder outputs, each drawn with probability
         proportional to its squared quantization error (k-means++'s seeding), the same rows on
         every replica. Jukebox draws uniformly; on brain slices most outputs are background,
         which one code already represents, and a code restarted there dies again."""
-        replicas = context.num_replicas_in_sync
-        replica = context.replica_id_in_sync_group
-        size = ops.shape(flat)[0]
-        # (replicas,) row counts; this replica holds global rows offset .. offset + size - 1
-        sizes = context.all_reduce("sum", ops.one_hot(replica, replicas, dtype="int32") * size)
-        offset = ops.sum(ops.where(ops.arange(replicas) < replica, sizes, 0))
-        total = ops.sum(sizes)
-        # every replica's errors in global row order: (B*h*w,)
-        global_errors = context.all_reduce(
-            "sum", ops.pad(errors, [[offset, total - offset - size]]))
+        flat, errors = global_batch((flat, errors))
         # Seeded by the update count, which every replica shares, so all draw the same rows.
         # A batch quantized exactly (all errors 0) draws uniformly.
         seed = ops.stack([self.updates.value, ops.zeros((), "int64")])
-        log_weights = ops.log(global_errors + TINY_ERROR)[None]  # (1, B*h*w)
+        log_weights = ops.log(errors + TINY_ERROR)[None]  # (1, B*h*w)
         rows = tf.random.stateless_categorical(
-            log_weights, self.num_embeddings, seed, dtype="int32")[0] - offset
-        mine = (rows >= 0) & (rows < size)
-        # A zero row to point the other replicas' rows at (a replica's share can be empty).
-        padded = ops.concatenate([flat, ops.zeros((1, self.embedding_dim), flat.dtype)])
-        # (B*h*w + 1, D) -> (K, D)
-        vectors = ops.take(padded, ops.where(mine, rows, size), axis=0)
-        # each row lives on one replica: the sum over replicas copies it to all
-        return context.all_reduce("sum", vectors)
+            log_weights, self.num_embeddings, seed, dtype="int32")[0]
+        return ops.take(flat, rows, axis=0)  # (B*h*w, D) -> (K, D)
 
     def get_config(self):
         config = super().get_config()
@@ -338,26 +378,32 @@ def build_decoder(embedding_dim, pixel_range, downsampling):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VQVAE(keras.Model):
-    """Encoder, vector quantizer and decoder, trained on eq. 3.
+    """Encoder, vector quantizer and decoder, trained on eq. 3 (see `eq3_losses`).
+
+    Defaults are the paper's; driver.py's flags choose others.
 
     Args:
         num_embeddings: K, the codebook size.
         embedding_dim: D, the size of each code vector.
         pixel_range: (low, high) of the scaled pixels; reconstructions are clipped to it.
         downsampling: the code grid is the image / downsampling in each direction (a power of 2;
-            the paper's and the seed's 4 by default).
+            the paper's 4 by default).
         beta: commitment weight of eq. 3 (the paper's 0.25 by default).
         data_variance: pixel variance of the training split; the reconstruction MSE is divided by
-            it so the loss scale does not depend on the intensity range (as in the paper's code).
+            it so the loss scale does not depend on the intensity range (as in the paper's code;
+            1 by default, eq. 3 as printed).
         quantizer: "loss" trains the codebook by eq. 3's codebook term (`VectorQuantizer`),
             "ema" by moving averages with restarts of unused codes (`EMAVectorQuantizer`), whose
-            cumulative restart count training then logs as "restarts".
+            cumulative restart count training then logs as "restarts" (the paper's "loss" by
+            default).
         ema_decay: gamma of the moving averages (quantizer="ema" only).
-        restart_threshold: EMA count below which a code is restarted (quantizer="ema" only).
+        restart_threshold: EMA count below which a code is restarted (quantizer="ema" only;
+            ours, as the paper has no restarts: see RESTART_THRESHOLD).
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, pixel_range, downsampling=DOWNSAMPLING,
-                 beta=PAPER_BETA, data_variance=1.0, quantizer="loss", ema_decay=PAPER_EMA_DECAY,
+    def __init__(self, num_embeddings, embedding_dim, *, pixel_range,
+                 downsampling=PAPER_DOWNSAMPLING, beta=PAPER_BETA, data_variance=1.0,
+                 quantizer=PAPER_QUANTIZER, ema_decay=PAPER_EMA_DECAY,
                  restart_threshold=RESTART_THRESHOLD, **kwargs):
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
@@ -404,7 +450,13 @@ class VQVAE(keras.Model):
         return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker]
 
     def eq3_losses(self, images, training):
-        """Total loss of eq. 3 and its two parts: reconstruction and the quantizer's terms."""
+        """Eq. 3 as computed here, each squared norm a mean over its elements:
+
+            L = ||x - D(z_q(x))||^2 / data_variance
+                + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
+
+        The EMA quantizer has no codebook term (the moving averages move the codebook).
+        Returns L, the reconstruction term and the quantizer's terms (`vq_loss`)."""
         reconstructions = self(images, training=training)
         reconstruction_loss = ops.mean((images - reconstructions) ** 2) / self.data_variance
         vq_loss = ops.sum(self.losses)

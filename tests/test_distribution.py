@@ -70,6 +70,24 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
                                            - getattr(two, name).numpy()).max()
                                     for name in ("embeddings", "ema_counts", "ema_sums"))),
             )
+
+    # uneven shares of a batch of 4 rows: replica 0 holds row 0, replica 1 rows 1-3
+    rows = np.arange(8.0, dtype="float32").reshape(4, 2)
+    shares = strategy.experimental_distribute_values_from_function(
+        lambda context: rows[:1] if context.replica_id_in_sync_group == 0 else rows[1:])
+    gathered = strategy.run(tf.function(lambda share: vqvae.global_batch((share, share[:, 0]))),
+                            args=(shares,))
+    results["global_batch"] = [[value.numpy().tolist()
+                                for value in strategy.experimental_local_results(part)]
+                               for part in gathered]
+    # outside strategy.run there is no replica whose share to update from
+    with strategy.scope():
+        quantizer = vqvae.EMAVectorQuantizer(4, 2)
+        try:
+            quantizer(rows, training=True)
+            results["outside_run"] = "updated"
+        except RuntimeError as error:
+            results["outside_run"] = str(error)
     print(json.dumps(results))
 """)
 
@@ -79,6 +97,10 @@ def test_mirrored_step_matches_single_device_step():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
+    # every replica sees the global batch, its rows in replica order
+    rows = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
+    assert results.pop("global_batch") == [[rows, rows], [[0.0, 2.0, 4.0, 6.0]] * 2]
+    assert "strategy.run" in results.pop("outside_run")
     for kind, result in results.items():
         assert result["moved"] > 1e-3, (kind, result)  # the step did something
         assert result["gap"] < 1e-5 * max(1.0, result["moved"]), (kind, result)
@@ -89,36 +111,78 @@ def test_mirrored_step_matches_single_device_step():
     assert ema["state_gap"] < 1e-5, ema
 
 
+# Trains each model under float32 and then under mixed_float16 from the same seed, and runs the
+# mixed models on the float32 models' weights; prints, as JSON, what the test compares.
 MIXED_PRECISION_STEPS = textwrap.dedent("""
+    import json
     import keras
     import numpy as np
     import pixelcnn
     import vqvae
-    keras.mixed_precision.set_global_policy("mixed_float16")
     rng = np.random.default_rng(0)
     images = rng.uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
-    for quantizer in ("loss", "ema"):
-        model = vqvae.VQVAE(8, 2, pixel_range=(-0.5, 0.5), data_variance=0.1, quantizer=quantizer)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3))
-        losses = model.fit(images, epochs=2, verbose=0).history["loss"]
-        assert np.isfinite(losses).all(), (quantizer, losses)
-        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        assert model(images).dtype == "float32"
-        assert all(w.dtype in ("float32", "int64") for w in model.quantizer.weights)
-    assert np.isfinite(model.quantizer.embeddings.numpy()).all()
-    assert int(model.quantizer.updates.numpy()) == 2
-    prior = pixelcnn.build_pixelcnn(8, 8, 1, 1, kind="gated", dilation_cycle=1)
-    prior.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     codes = rng.integers(0, 8, (4, 5, 5))
-    assert np.isfinite(prior.fit(codes, codes, epochs=2, verbose=0).history["loss"]).all()
-    assert prior(codes).dtype == "float32"
-    print("mixed precision ok")
+
+    def trained(kind):
+        keras.utils.set_random_seed(0)
+        if kind == "prior":
+            model = pixelcnn.build_pixelcnn(8, 8, 1, 1, kind="gated", dilation_cycle=1)
+            model.compile(optimizer=keras.optimizers.SGD(0.5),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            losses = model.fit(codes, codes, epochs=3, verbose=0).history["loss"]
+        else:
+            model = vqvae.VQVAE(8, 2, pixel_range=(-0.5, 0.5), data_variance=0.1, quantizer=kind)
+            model.compile(optimizer=keras.optimizers.SGD(0.01))
+            losses = model.fit(images, epochs=3, verbose=0).history["loss"]
+        return model, losses
+
+    def outputs(model, kind):
+        if kind == "prior":
+            return model(codes), None
+        return model(images), model.encode_to_indices(images)
+
+    kinds = ("loss", "ema", "prior")
+    float32 = {kind: trained(kind) for kind in kinds}
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    results = {}
+    for kind in kinds:
+        model, losses = trained(kind)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        if kind != "prior":
+            assert all(w.dtype in ("float32", "int64") for w in model.quantizer.weights)
+        reference, reference_losses = float32[kind]
+        model.set_weights(reference.get_weights())
+        (output, indices), (expected, expected_indices) = (
+            outputs(model, kind), outputs(reference, kind))
+        assert output.dtype == "float32", output.dtype
+        results[kind] = dict(
+            losses=losses, float32_losses=reference_losses,
+            output_gap=float(np.abs(output.numpy() - expected.numpy()).max()),
+            same_codes=None if indices is None
+            else float(np.mean(indices.numpy() == expected_indices.numpy())),
+            updates=int(model.quantizer.updates.numpy()) if kind == "ema" else None,
+        )
+    print(json.dumps(results))
 """)
 
 
-def test_mixed_float16_trains_with_float32_outputs():
+def test_mixed_float16_trains_like_float32():
     result = subprocess.run([sys.executable, "-c", MIXED_PRECISION_STEPS], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "mixed precision ok" in result.stdout
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for kind, result in results.items():
+        losses, float32_losses = result["losses"], result["float32_losses"]
+        # eq. 3 (or the prior's cross-entropy) before any step: float16 rounding apart, the same
+        assert abs(losses[0] - float32_losses[0]) < 1e-3 * float32_losses[0], (kind, result)
+        # on the float32 model's weights: the same outputs and codes, float16 rounding apart
+        assert result["output_gap"] < 2e-3, (kind, result)
+        if kind == "prior":
+            # no step overflows at the initial loss scale: each follows the float32 step
+            assert max(abs(a - b) for a, b in zip(losses, float32_losses)) < 1e-3, result
+            assert float32_losses[0] - float32_losses[-1] > 1e-2, result
+        else:
+            # the loss-scaled steps train (the first may be skipped while the scale settles)
+            assert losses[-1] < 0.7 * losses[0], (kind, result)
+            assert result["same_codes"] > 0.9, (kind, result)
+    assert results["ema"]["updates"] == 3, results["ema"]

@@ -79,7 +79,7 @@ def test_vq_loss_gradients_flow_as_in_eq3():
                                rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("downsampling", [vqvae.DOWNSAMPLING, 8, 16])
+@pytest.mark.parametrize("downsampling", [vqvae.PAPER_DOWNSAMPLING, 8, 16])
 def test_vqvae_shapes_and_codes(downsampling):
     model = vqvae.VQVAE(num_embeddings=8, embedding_dim=2, pixel_range=PIXEL_RANGE,
                         downsampling=downsampling)
@@ -91,7 +91,7 @@ def test_vqvae_shapes_and_codes(downsampling):
 
 
 def test_downsampling_must_be_a_power_of_two():
-    assert vqvae.downsampling_filters(vqvae.DOWNSAMPLING) == (32, 64)  # the seed's encoder
+    assert vqvae.downsampling_filters(vqvae.PAPER_DOWNSAMPLING) == (32, 64)  # the seed's
     with pytest.raises(ValueError, match="power of 2"):
         vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=6)
 
@@ -106,6 +106,15 @@ def test_the_decoder_mirrors_the_encoder(downsampling):
     took_in = [encoder.get_layer(f"down{i + 1}").input.shape[-1] for i in range(halvings)]
     outputs = [decoder.get_layer(f"up{i + 1}").output.shape[-1] for i in range(halvings)]
     assert outputs == [*reversed(took_in[1:]), vqvae.FIRST_FILTERS]
+
+
+def test_library_defaults_are_the_papers():
+    """Section 3.2's beta, the 128x128 -> 32x32 grid, eq. 3's codebook term as printed (no
+    division by the data variance); the EMA decay of appendix A.1."""
+    config = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE).get_config()
+    assert {name: config[name] for name in
+            ("beta", "downsampling", "quantizer", "data_variance", "ema_decay")} == dict(
+        beta=0.25, downsampling=4, quantizer="loss", data_variance=1.0, ema_decay=0.99)
 
 
 def test_an_untrained_decoder_draws_the_black_background():
@@ -185,6 +194,15 @@ def ema_step(codebook, counts, sums, z_e, decay, epsilon=vqvae.LAPLACE_EPSILON):
     return sums / smoothed[:, None], counts, sums
 
 
+def restart_step(codebook, counts, sums, vectors, threshold, decay):
+    """The dead-code restart in numpy: codes counted below the threshold move to `vectors`
+    and enter with the count that one update decays to the threshold."""
+    dead = counts < threshold
+    entry = threshold / decay
+    return (np.where(dead[:, None], vectors, codebook), np.where(dead, entry, counts),
+            np.where(dead[:, None], entry * vectors, sums), dead)
+
+
 def quantizer_state(quantizer):
     return {weight.name: weight.numpy().copy() for weight in quantizer.weights}
 
@@ -249,6 +267,36 @@ def test_unused_code_is_restarted_to_a_batch_vector():
     quantizer(on_used_codes, training=True)
     assert int(quantizer.restarts.numpy()) == 2
     assert np.all(quantizer.embeddings.numpy()[3] == on_used_codes.reshape(-1, 2), axis=1).any()
+
+
+def test_ema_step_with_restarts_matches_numpy():
+    rng = np.random.default_rng(4)
+    codebook = rng.normal(size=(8, 3))
+    counts = np.array([4.0, 3.0, 2.5, 0.5, 0.0, 6.0, 0.2, 5.0])
+    sums = counts[:, None] * codebook
+    quantizer = ema_quantizer(codebook, counts, decay=0.8, restart_threshold=2.0, epsilon=0.1)
+    z_e = rng.normal(size=(2, 3, 4, 3)).astype("float32")
+    quantizer(z_e, training=True)
+    flat = z_e.reshape(-1, 3)
+    ema_codebook, counts, sums = ema_step(codebook, counts, sums, z_e, decay=0.8, epsilon=0.1)
+    # which rows the restarts drew is the seeded draw's; each is a row of the batch
+    drawn = quantizer.embeddings.numpy()
+    codebook, counts, sums, dead = restart_step(ema_codebook, counts, sums, drawn,
+                                                threshold=2.0, decay=0.8)
+    assert 0 < dead.sum() < len(dead), counts
+    assert all(np.all(drawn[i] == flat, axis=1).any() for i in np.flatnonzero(dead)), drawn
+    assert int(quantizer.restarts.numpy()) == dead.sum()
+    np.testing.assert_allclose(quantizer.embeddings.numpy(), codebook, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(quantizer.ema_counts.numpy(), counts, rtol=1e-5)
+    np.testing.assert_allclose(quantizer.ema_sums.numpy(), sums, rtol=1e-5, atol=1e-6)
+
+
+def test_on_one_device_the_global_batch_is_the_batch():
+    values = np.arange(6.0, dtype="float32").reshape(3, 2)
+    batch, column = vqvae.global_batch((values, values[:, 0]))
+    np.testing.assert_array_equal(batch, values)
+    np.testing.assert_array_equal(column, values[:, 0])
+    np.testing.assert_array_equal(vqvae.cross_replica_sum(values), values)
 
 
 def test_restarts_go_where_the_codebook_quantizes_worst():
