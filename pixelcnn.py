@@ -17,6 +17,7 @@ the paper): it then models p(c | h), and takes (codes, heights) -> logits. And i
 where each code is: a learned embedding of its row and column added to its code's embedding.
 """
 
+import abc
 import collections
 
 import keras
@@ -121,7 +122,7 @@ class MaskedConv2D(layers.Layer):
         for tap in range(self.used_rows):
             above = ops.pad(input_back((centre - tap) * self.dilation_rate), padding)
             # one kernel row: only its columns are dilated (a (d, d) dilation of one row
-            # convolves d x d sub-maps, most of them zero rows: 4x slower at d = 8)
+            # convolves d x d sub-maps, most of them zero rows, and slows as d grows)
             output = output + ops.conv(above, kernel[tap : tap + 1], padding="valid",
                                        dilation_rate=(1, self.dilation_rate))
         return output
@@ -176,7 +177,7 @@ class ShiftDown(layers.Layer):
     rows_above, columns_left, columns_right = 1, 0, 0
 
     def call(self, x):
-        # a slice, not x[:, :-1]: a strided slice's gradient took 12% of the prior's training step
+        # a slice, not x[:, :-1]: a slice's gradient is a pad, a strided slice's a much slower op
         batch, height, width, channels = ops.shape(x)
         above = ops.slice(x, (0, 0, 0, 0), (batch, height - 1, width, channels))
         return ops.pad(above, [[0, 0], [1, 0], [0, 0], [0, 0]])
@@ -490,15 +491,89 @@ def prior_inputs(prior, codes, heights):
 Reach = collections.namedtuple("Reach", ["rows_above", "columns_left", "columns_right"])
 
 
-def _input_layer_names(inbound_nodes):
-    """Names of the layers whose outputs a layer reads, from its serialized inbound nodes."""
-    if isinstance(inbound_nodes, dict):
-        if "keras_history" in inbound_nodes:
-            return [inbound_nodes["keras_history"][0]]
-        inbound_nodes = list(inbound_nodes.values())
-    if isinstance(inbound_nodes, (list, tuple)):
-        return [name for item in inbound_nodes for name in _input_layer_names(item)]
-    return []
+Step = collections.namedtuple("Step", ["layer", "reads", "arguments"])
+LayerGraph = collections.namedtuple("LayerGraph", ["steps", "inputs", "outputs"])
+
+
+def layer_graph(model):
+    """How a functional model's layers are wired: the one place that reads it from Keras (from
+    the model's serialized config), so that `receptive_field` and the sampler, which re-run the
+    graph, break here, loudly, if a Keras version serializes models differently.
+
+    Returns:
+        LayerGraph(steps, inputs, outputs). steps: a Step(layer, reads, arguments) per layer in
+        topological order (input layers too): `reads`, the names of the layers whose outputs
+        its call reads; `arguments`, the call's positional arguments with each tensor replaced
+        by the name of the layer it is an output of (an Add takes one list of names,
+        AddCondition two names). A layer's several outputs all go by its name. inputs, outputs:
+        the names of the model's input and output layers, in the model's order.
+
+    Raises:
+        ValueError: the model is not functional, calls a layer more than once, passes a layer
+        a tensor by keyword, or its config is not laid out as this function expects.
+    """
+
+    def refuse(problem):
+        raise ValueError(f"layer_graph: {model.name}: {problem} (Keras {keras.__version__}; the "
+                         "sampler reads functional models as Keras 3 serializes them)")
+
+    def named(argument, reads):
+        """The argument with the name of its layer in place of each tensor; each name is also
+        appended to `reads`."""
+        if isinstance(argument, (list, tuple)):
+            return [named(item, reads) for item in argument]
+        if not isinstance(argument, dict):
+            return argument
+        history = argument.get("config", {}).get("keras_history")
+        if argument.get("class_name") != "__keras_tensor__" or not (
+                isinstance(history, (list, tuple)) and len(history) == 3):
+            refuse(f"an argument is neither a tensor with a [layer, node, index] history nor a "
+                   f"plain value: {argument!r}")
+        reads.append(history[0])
+        return history[0]
+
+    def layer_names(entries, what):
+        """The names in config["input_layers"] or ["output_layers"]: one [name, node, index],
+        or a list of them."""
+        entries = [entries] if entries and isinstance(entries[0], str) else entries
+        if not all(isinstance(entry, (list, tuple)) and len(entry) == 3 for entry in entries):
+            refuse(f"its {what} are not [layer, node, index] entries: {entries!r}")
+        return [name for name, _, _ in entries]
+
+    config = model.get_config()
+    if not {"layers", "input_layers", "output_layers"} <= set(config):
+        refuse("not a functional model (no layers, input_layers and output_layers in its config)")
+    steps = []
+    for layer_config in config["layers"]:
+        layer = model.get_layer(layer_config["name"])
+        nodes = layer_config.get("inbound_nodes")
+        expected = 0 if isinstance(layer, layers.InputLayer) else 1
+        if not isinstance(nodes, (list, tuple)) or len(nodes) != expected:
+            refuse(f"layer {layer.name!r} has inbound nodes {nodes!r}; every layer but the "
+                   "inputs must be called exactly once")
+        if not nodes:
+            steps.append(Step(layer, (), []))
+            continue
+        (node,) = nodes
+        if not (isinstance(node, dict) and isinstance(node.get("args"), (list, tuple))
+                and isinstance(node.get("kwargs"), dict)):
+            refuse(f"layer {layer.name!r}'s call is not an args list and a kwargs dict: {node!r}")
+        keyword_tensors, reads = [], []
+        named(list(node["kwargs"].values()), keyword_tensors)
+        if keyword_tensors:
+            refuse(f"layer {layer.name!r} takes a tensor by keyword; the sampler passes only "
+                   "positional arguments")
+        arguments = named(node["args"], reads)
+        reads = tuple(dict.fromkeys(reads))
+        if not reads or not set(reads) <= {step.layer.name for step in steps}:
+            refuse(f"layer {layer.name!r} reads {reads!r}, not layers listed before it")
+        steps.append(Step(layer, reads, arguments))
+    inputs = layer_names(config["input_layers"], "inputs")
+    outputs = layer_names(config["output_layers"], "outputs")
+    names = {step.layer.name for step in steps}
+    if not set(inputs) | set(outputs) <= names:
+        refuse(f"its inputs {inputs} or outputs {outputs} are not among its layers")
+    return LayerGraph(steps, inputs, outputs)
 
 
 # Layers that compute each position from that position alone.
@@ -530,18 +605,15 @@ def receptive_field(model):
     axis, the longest path through the layer graph of the reaches of its layers (a nested model
     counts as its own longest path). An upper bound; exact for the plain prior and for each of
     the gated prior's two stacks."""
+    graph = layer_graph(model)
     reach = {}
-    config = model.get_config()
-    for layer_config in config["layers"]:  # in topological order
-        layer = model.get_layer(layer_config["name"])
+    for layer, reads, _ in graph.steps:  # in topological order
         own = layer_reach(layer)
-        inputs = [reach[name] for name in _input_layer_names(layer_config["inbound_nodes"])]
+        inputs = [reach[name] for name in reads]
         reach[layer.name] = Reach(*(
             own[axis] + max((r[axis] for r in inputs), default=0) for axis in range(len(own))
         ))
-    outputs = config["output_layers"]
-    outputs = [outputs] if isinstance(outputs[0], str) else outputs  # one output: not nested
-    return Reach(*(max(reach[name][axis] for name, _, _ in outputs) for axis in range(3)))
+    return Reach(*(max(reach[name][axis] for name in graph.outputs) for axis in range(3)))
 
 
 def draw_codes(logits, temperature, seed, step):
@@ -559,11 +631,59 @@ def _write_codes(codes, row, col, values):
     return tf.tensor_scatter_nd_update(codes, positions, values)
 
 
-class _WindowedSteps:
+class RasterSteps(abc.ABC):
+    """How `code_sampler` computes a prior's logits in raster order. Inside one compiled graph,
+    for B maps at once, it calls:
+
+        conditions = steps.conditions(heights)              # once
+        map_state = steps.begin_map(codes)                  # once, before the first row
+        for row in range(h):
+            row_state = steps.start_row(codes, row, map_state, conditions)
+            for col in range(w):
+                logits, row_state = steps.logits_at(codes, row, col, row_state, conditions)
+                drawn = <a code (B,) drawn from logits (B, K)>; codes[:, row, col] = drawn
+                row_state = steps.after_draw(row_state, row, col, drawn)
+            map_state = steps.end_row(codes, row, map_state, conditions)
+
+    codes (B, h, w) int32 holds the codes drawn so far, 0 where none is drawn yet; heights
+    (B,) are a conditional prior's relative heights (zeros for an unconditional one).
+    conditions: what the prior computes from the heights alone, by name, the same at every
+    position (empty for an unconditional prior). map_state: what finished rows leave for later
+    rows. row_state: what the row's codes so far leave for its later codes. Each state is a
+    tensor or a nest of them whose structure and shapes stay the same from one step to the
+    next: the compiled loops carry them.
+    """
+
+    def conditions(self, heights):
+        """Computed once per call, so that no position computes them again."""
+        return {}
+
+    @abc.abstractmethod
+    def begin_map(self, codes):
+        """The map_state before the first row."""
+
+    @abc.abstractmethod
+    def start_row(self, codes, row, map_state, conditions):
+        """The row_state before the row's first code."""
+
+    @abc.abstractmethod
+    def logits_at(self, codes, row, col, row_state, conditions):
+        """(logits (B, K) of the code at (row, col), the row_state after computing them)."""
+
+    def after_draw(self, row_state, row, col, drawn):
+        """The row_state once the codes `drawn` (B,) are written at (row, col)."""
+        return row_state
+
+    def end_row(self, codes, row, map_state, conditions):
+        """The map_state once every code of the row is drawn."""
+        return map_state
+
+
+class _WindowedSteps(RasterSteps):
     """How `code_sampler` computes any prior's logits in raster order: at (row, col) from the
     smallest window of the map that the prior's receptive field covers, which gives the same
-    logits as the whole map. The methods are those of `_GatedSteps`; the state a map, a row and
-    a code carry is only the top row of the window."""
+    logits as the whole map. The windows read the drawn codes from the map itself: the
+    row_state is only the top row of the row's windows, and there is no map_state."""
 
     def __init__(self, prior, grid_shape):
         if is_conditional(prior):
@@ -574,71 +694,34 @@ class _WindowedSteps:
         self.rows = min(self.height, self.reach.rows_above + 1)
         self.columns = min(self.width, self.reach.columns_left + self.reach.columns_right + 1)
 
-    def conditions(self, heights):
-        return {}
-
     def begin_map(self, codes):
         return tf.zeros((), tf.int32)
 
     def start_row(self, codes, row, map_state, conditions):
         return tf.clip_by_value(row - self.rows + 1, 0, self.height - self.rows)
 
-    def logits_at(self, codes, row, col, top, conditions):
+    def logits_at(self, codes, row, col, row_state, conditions):
+        top = row_state
         left = tf.clip_by_value(col - self.reach.columns_left, 0, self.width - self.columns)
         context = codes[:, top : top + self.rows, left : left + self.columns]  # (B, rows, cols)
         return self.prior(context, training=False)[:, row - top, col - left], top  # (B, K)
 
-    def after_draw(self, top, row, col, values):
-        return top  # the next window reads the drawn code from the map
 
-    def end_row(self, codes, row, map_state, conditions):
-        return map_state
-
-
-def _call_arguments(inbound_nodes):
-    """A layer's positional arguments as its model calls it, with the names of the layers whose
-    outputs they are in place of tensors (an Add takes one list, AddCondition two tensors)."""
-
-    def named(argument):
-        if isinstance(argument, dict) and argument.get("class_name") == "__keras_tensor__":
-            return argument["config"]["keras_history"][0]
-        if isinstance(argument, (list, tuple)):
-            return [named(item) for item in argument]
-        return argument
-
-    return [named(argument) for argument in inbound_nodes[0]["args"]] if inbound_nodes else []
-
-
-def _layer_steps(model):
-    """A model's layers in topological order, each with its call's arguments (see
-    `_call_arguments`)."""
-    return [(model.get_layer(config["name"]), _call_arguments(config["inbound_nodes"]))
-            for config in model.get_config()["layers"]]
-
-
-def _input_names(model):
-    return [tensor._keras_history.operation.name for tensor in model.inputs]
-
-
-def _output_names(model):
-    return [tensor._keras_history.operation.name for tensor in keras.tree.flatten(model.outputs)]
-
-
-def _called(layer, arguments, values):
-    """A layer's output on its call's arguments (see `_call_arguments`), read from `values` by
-    layer name."""
-    return layer(*keras.tree.map_structure(values.get, arguments))
+def _called(step, values):
+    """A layer's output on its call's arguments (see `layer_graph`), each layer's output they
+    name read from `values`."""
+    return step.layer(*keras.tree.map_structure(
+        lambda argument: values[argument] if argument in step.reads else argument,
+        step.arguments))
 
 
 def _run_on(steps, values):
     """Runs, once, the layers that read only what `values` holds (by layer name), adding their
     outputs to it: given a conditional prior's embedded heights, their projections V^T h, the
     same at every position."""
-    for layer, arguments in steps:
-        sources = keras.tree.flatten(arguments)
-        if (not isinstance(layer, layers.InputLayer) and sources
-                and all(isinstance(source, str) and source in values for source in sources)):
-            values[layer.name] = _called(layer, arguments, values)
+    for step in steps:
+        if step.reads and all(source in values for source in step.reads):
+            values[step.layer.name] = _called(step, values)
     return values
 
 
@@ -649,18 +732,19 @@ def _run_at(steps, values, method, earlier):
     other positions has `method` (at_row or at_column), which asks earlier(source, n) for its
     input n positions back, or takes values[source] for n = 0; every other layer must be
     pointwise."""
-    for layer, arguments in steps:
+    for step in steps:
+        layer = step.layer
         if isinstance(layer, layers.InputLayer) or layer.name in values:
             continue
         if hasattr(layer, method):
-            (source,) = arguments
+            (source,) = step.reads
             values[layer.name] = getattr(layer, method)(
                 lambda n, source=source: values[source] if n == 0 else earlier(source, n))
         elif _is_pointwise_conv(layer):
-            (source,) = arguments
+            (source,) = step.reads
             values[layer.name] = _as_matmul(layer, values[source])
         elif layer_reach(layer) == Reach(0, 0, 0):  # layer_reach refuses what it cannot measure
-            values[layer.name] = _called(layer, arguments, values)
+            values[layer.name] = _called(step, values)
         else:
             raise ValueError(f"the sampler runs {layer.name!r} at one position at a time, but "
                              "it reads other positions and has no " + method)
@@ -668,8 +752,8 @@ def _run_at(steps, values, method, earlier):
 
 
 def _as_matmul(conv, x):
-    """A 1x1 convolution's output on x (B, h, w, C), computed as the matmul it is: at one code,
-    TensorFlow's 1x1 convolution took 4x a matmul's time."""
+    """A 1x1 convolution's output on x (B, h, w, C), computed as the matmul it is, which
+    TensorFlow runs faster than a 1x1 convolution on the sampler's one-code maps."""
     kernel = ops.reshape(conv.kernel, conv.kernel.shape[2:])  # (C, C')
     outputs = ops.matmul(ops.reshape(x, (-1, x.shape[-1])), kernel)
     if conv.use_bias:
@@ -681,23 +765,23 @@ def _reads_back(steps, method, reach):
     """{source layer name: how many positions back its readers reach} for the layers whose
     outputs a layer with `method` reads at earlier positions."""
     back = {}
-    for layer, arguments in steps:
+    for layer, reads, _ in steps:
         if hasattr(layer, method):
-            (source,) = arguments
+            (source,) = reads
             back[source] = max(back.get(source, 0), reach(layer))
     return back
 
 
-class _GatedSteps:
+class _GatedSteps(RasterSteps):
     """How `code_sampler` computes the gated prior's logits in raster order, each layer at each
     position once, never a window of the map again:
 
     - the vertical stack, whose maps at row i read only rows above i, runs one row at a time
-      (start_row); the map's state keeps each of its layers' last outputs that a later row reads,
+      (start_row); the map_state keeps each of its layers' last outputs that a later row reads,
       and a finished row's outputs join them (end_row);
-    - the horizontal stack runs one code at a time (logits_at); the row's state keeps its layers'
-      outputs at the codes left of it that a later code reads, and the drawn code's embedding
-      (after_draw).
+    - the horizontal stack runs one code at a time (logits_at); the row_state keeps the
+      vertical stack's links into the row, its layers' outputs at the codes left of it that a
+      later code reads, and the drawn codes' embeddings (after_draw).
     """
 
     def __init__(self, prior, grid_shape):
@@ -710,18 +794,18 @@ class _GatedSteps:
             self.position.check_grid(grid_shape)
         self.vertical = prior.get_layer("vertical_stack")
         self.horizontal = prior.get_layer("horizontal_stack")
-        self.vertical_steps = _layer_steps(self.vertical)
-        self.horizontal_steps = _layer_steps(self.horizontal)
-        self.links = _output_names(self.vertical)
+        vertical, horizontal = layer_graph(self.vertical), layer_graph(self.horizontal)
+        self.vertical_steps, self.horizontal_steps = vertical.steps, horizontal.steps
+        self.links = vertical.outputs
         # a conditional prior's embedded heights are each stack's last input
-        self.vertical_input, *vertical_condition = _input_names(self.vertical)
-        self.embedded_input, *self.link_inputs = _input_names(self.horizontal)
+        self.vertical_input, *vertical_condition = vertical.inputs
+        self.embedded_input, *self.link_inputs = horizontal.inputs
         self.link_inputs, horizontal_condition = (self.link_inputs[: len(self.links)],
                                                   self.link_inputs[len(self.links) :])
         self.condition_inputs = vertical_condition + horizontal_condition
         self.height_embedding = (prior.get_layer("height_embedding")
                                  if is_conditional(prior) else None)
-        (self.logits,) = _output_names(self.horizontal)
+        (self.logits,) = horizontal.outputs
         self.rows_back = _reads_back(self.vertical_steps, "at_row", lambda l: l.rows_above)
         self.columns_back = _reads_back(self.horizontal_steps, "at_column",
                                         lambda l: l.columns_left)
@@ -752,18 +836,18 @@ class _GatedSteps:
         return {name: tf.zeros((batch, back, self.width, self.channels(self.vertical, name)))
                 for name, back in self.rows_back.items()}
 
-    def vertical_row(self, codes, row, above, conditions):
+    def vertical_row(self, codes, row, map_state, conditions):
         """The vertical stack's outputs at `row`, from the codes there."""
         values = {self.vertical_input: self.embedded(codes[:, row : row + 1], row),  # (B, 1, w, F)
                   **conditions}
         return _run_at(self.vertical_steps, values, "at_row",
-                       lambda source, n: above[source][:, -n, None])
+                       lambda source, n: map_state[source][:, -n, None])
 
-    def start_row(self, codes, row, above, conditions):
+    def start_row(self, codes, row, map_state, conditions):
         """The vertical stack's links into this row, (B, w, 2F) each, which read only rows
         above it (so the row's undrawn codes, still 0, do not matter); and for each horizontal
         layer a later code reads, an array of its outputs at the row's columns."""
-        values = self.vertical_row(codes, row, above, conditions)
+        values = self.vertical_row(codes, row, map_state, conditions)
         links = [values[name][:, 0] for name in self.links]
         batch = tf.shape(codes)[0]
         history = {}
@@ -776,10 +860,10 @@ class _GatedSteps:
             history[name] = array
         return {"links": links, "history": history}
 
-    def logits_at(self, codes, row, col, state, conditions):
-        history = state["history"]
+    def logits_at(self, codes, row, col, row_state, conditions):
+        history = row_state["history"]
         values = {name: link[:, col, None, None]
-                  for name, link in zip(self.link_inputs, state["links"])}
+                  for name, link in zip(self.link_inputs, row_state["links"])}
         values.update(conditions)
         # The code at col is not drawn yet: zeros stand in, which the first layer's mask A
         # never reads.
@@ -790,28 +874,28 @@ class _GatedSteps:
         history = {name: array if name == self.embedded_input
                    else array.write(col + self.pad, values[name])
                    for name, array in history.items()}
-        return values[self.logits][:, 0, 0], {**state, "history": history}  # (B, K)
+        return values[self.logits][:, 0, 0], {**row_state, "history": history}  # (B, K)
 
-    def after_draw(self, state, row, col, values):
-        history = dict(state["history"])
+    def after_draw(self, row_state, row, col, drawn):
+        history = dict(row_state["history"])
         history[self.embedded_input] = history[self.embedded_input].write(
-            col + self.pad, self.embedded(values[:, None, None], row, col))
-        return {**state, "history": history}
+            col + self.pad, self.embedded(drawn[:, None, None], row, col))
+        return {**row_state, "history": history}
 
-    def end_row(self, codes, row, above, conditions):
+    def end_row(self, codes, row, map_state, conditions):
         """The finished row's vertical outputs join the rows above."""
-        values = self.vertical_row(codes, row, above, conditions)
+        values = self.vertical_row(codes, row, map_state, conditions)
         # (the shape restated: the loop that carries it needs the window's height fixed)
         return {name: tf.ensure_shape(ops.concatenate([rows[:, 1:], values[name]], axis=1),
                                       rows.shape)
-                for name, rows in above.items()}
+                for name, rows in map_state.items()}
 
 
 def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, heights=None):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
-    than the next code's logits need (see `_GatedSteps` and `_WindowedSteps`). To sample
+    than the next code's logits need (see `RasterSteps`). To sample
     one prior repeatedly without compiling it again, call `code_sampler` once.
 
     Args:
@@ -840,15 +924,15 @@ def code_sampler(prior, grid_shape):
     def sample_all(num_samples, temperature, seed, heights):
         codes = tf.zeros((num_samples, height, width), tf.int32)
         conditions = steps.conditions(heights)
-        above = steps.begin_map(codes)
+        map_state = steps.begin_map(codes)
         for row in tf.range(height):
-            state = steps.start_row(codes, row, above, conditions)
+            row_state = steps.start_row(codes, row, map_state, conditions)
             for col in tf.range(width):
-                logits, state = steps.logits_at(codes, row, col, state, conditions)
-                values = draw_codes(logits, temperature, seed, row * width + col)
-                codes = _write_codes(codes, row, col, values)
-                state = steps.after_draw(state, row, col, values)
-            above = steps.end_row(codes, row, above, conditions)
+                logits, row_state = steps.logits_at(codes, row, col, row_state, conditions)
+                drawn = draw_codes(logits, temperature, seed, row * width + col)
+                codes = _write_codes(codes, row, col, drawn)
+                row_state = steps.after_draw(row_state, row, col, drawn)
+            map_state = steps.end_row(codes, row, map_state, conditions)
         return codes
 
     def sample(num_samples, temperature=1.0, seed=0, heights=None):
@@ -870,7 +954,7 @@ def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0, 
 
     Draws the same codes as `sample_codes` for the same seed and heights; kept to test and
     benchmark it. `num_codes` draws only the first codes in raster order and leaves the rest 0,
-    so that a benchmark can time a few and extrapolate (default: all).
+    so that benchmarks/sampling.py can time a few and extrapolate (default: all).
     """
     height, width = grid_shape
     codes = np.zeros((num_samples, height, width), dtype="int32")
