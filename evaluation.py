@@ -152,13 +152,6 @@ def prior_nll_bits(prior, codes, batch_size, heights=None):
     return total / count / math.log(2)
 
 
-def unigram_code_maps(counts, num_maps, grid_shape, seed):
-    """Code maps whose codes are drawn independently from the code frequencies `counts`: what a
-    prior that learned nothing but the frequencies would draw (a control of the realism test)."""
-    rng = np.random.default_rng(seed)
-    return rng.choice(len(counts), size=(num_maps, *grid_shape), p=counts / counts.sum())
-
-
 # ---------------------------------------------------------------------------------------------
 # Samples against the training set and each other
 
@@ -454,8 +447,8 @@ def brain_area_by_height(real_areas, real_heights, sample_areas, sample_heights)
 
 
 # ---------------------------------------------------------------------------------------------
-# Negative controls: images the realism test must flag (tests/test_realism.py, and the README's
-# table from benchmarks/realism.py)
+# Negative controls: images and code maps the realism test must flag. Public because both its
+# tests (tests/test_realism.py) and its table (benchmarks/realism.py) draw them.
 
 
 def smooth_noise(size, rng, scale):
@@ -494,3 +487,10 @@ def tadpoles(count, size, rng):
         texture = 0.5 + 0.25 * smooth_noise(size, rng, 1 / 16)
         images.append(np.clip((body | tail) * texture, 0, 1))
     return np.stack(images).astype("float32")
+
+
+def unigram_code_maps(counts, num_maps, grid_shape, seed):
+    """Code maps whose codes are drawn independently from the code frequencies `counts`: what a
+    prior that learned nothing but the frequencies would draw (a control of the realism test)."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(len(counts), size=(num_maps, *grid_shape), p=counts / counts.sum())
