@@ -25,7 +25,7 @@ PACKAGE = "brain_vqvae"
 # The library's defaults are the paper's (driver.py's flags choose others); the rest are named
 # for where they come from.
 # The paper's code grid: its 128x128 images -> 32x32 codes, downsampling 4 in each direction.
-PAPER_DOWNSAMPLING = 4
+PAPER_DOWNSAMPLE = 4
 # The seed's encoder: two stride-2 3x3 convolutions (32 then 64 filters) for the paper's
 # downsampling 4; a coarser grid adds stride-2 convolutions of 64 filters.
 FIRST_FILTERS, FILTERS = 32, 64
@@ -323,28 +323,28 @@ def residual_block(x, filters, name):
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def downsampling_filters(downsampling):
+def downsampling_filters(downsample):
     """Filters of the encoder's stride-2 convolutions: (32, 64) for the seed's 4, one more
     convolution of 64 per further halving."""
-    halvings = round(math.log2(downsampling))
-    if downsampling < 2 or 2**halvings != downsampling:
-        raise ValueError(f"downsampling must be a power of 2 >= 2, got {downsampling}")
+    halvings = round(math.log2(downsample))
+    if downsample < 2 or 2**halvings != downsample:
+        raise ValueError(f"downsample must be a power of 2 >= 2, got {downsample}")
     return (FIRST_FILTERS, *[FILTERS] * (halvings - 1))
 
 
-def upsampling_filters(downsampling):
+def upsampling_filters(downsample):
     """Filters of the decoder's stride-2 transposed convolutions: each upsampling outputs the
     channels the encoder's convolution at that resolution took in, and the last, at full
     resolution, FIRST_FILTERS (the encoder took in the image's one channel there)."""
-    strided = downsampling_filters(downsampling)
+    strided = downsampling_filters(downsample)
     return (*reversed(strided[:-1]), FIRST_FILTERS)
 
 
-def build_encoder(embedding_dim, downsampling):
-    """Image (B, H, W, 1) -> z_e (B, H/s, W/s, D), s = downsampling; H and W divisible by s."""
+def build_encoder(embedding_dim, downsample):
+    """Image (B, H, W, 1) -> z_e (B, H/s, W/s, D), s = downsample; H and W divisible by s."""
     images = keras.Input(shape=(None, None, 1), name="images")
     x = images
-    strided = downsampling_filters(downsampling)
+    strided = downsampling_filters(downsample)
     for i, filters in enumerate(strided):
         x = layers.Conv2D(filters, 3, strides=2, padding="same", name=f"down{i + 1}")(x)
         if i < len(strided) - 1:
@@ -356,15 +356,15 @@ def build_encoder(embedding_dim, downsampling):
     return keras.Model(images, z_e, name="encoder")
 
 
-def build_decoder(embedding_dim, pixel_range, downsampling):
-    """z_q (B, h, w, D) -> image (B, s*h, s*w, 1) in pixel_range, s = downsampling; mirrors the
+def build_decoder(embedding_dim, pixel_range, downsample):
+    """z_q (B, h, w, D) -> image (B, s*h, s*w, 1) in pixel_range, s = downsample; mirrors the
     encoder with transposed convs, channel for channel (`upsampling_filters`)."""
     latents = keras.Input(shape=(None, None, embedding_dim), name="latents")
-    strided = downsampling_filters(downsampling)
+    strided = downsampling_filters(downsample)
     x = layers.Conv2D(strided[-1], 3, padding="same", name="from_latent")(latents)
     for i in range(RESIDUAL_BLOCKS):
         x = residual_block(x, strided[-1], name=f"res{i + 1}")
-    for i, filters in enumerate(upsampling_filters(downsampling)):
+    for i, filters in enumerate(upsampling_filters(downsample)):
         x = layers.ReLU(name=f"up{i + 1}_relu")(x)
         x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", name=f"up{i + 1}")(x)
     x = layers.ReLU(name="out_relu")(x)
@@ -386,7 +386,7 @@ class VQVAE(keras.Model):
         num_embeddings: K, the codebook size.
         embedding_dim: D, the size of each code vector.
         pixel_range: (low, high) of the scaled pixels; reconstructions are clipped to it.
-        downsampling: the code grid is the image / downsampling in each direction (a power of 2;
+        downsample: the code grid is the image / downsample in each direction (a power of 2;
             the paper's 4 by default).
         beta: commitment weight of eq. 3 (the paper's 0.25 by default).
         data_variance: pixel variance of the training split; the reconstruction MSE is divided by
@@ -402,14 +402,14 @@ class VQVAE(keras.Model):
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, pixel_range,
-                 downsampling=PAPER_DOWNSAMPLING, beta=PAPER_BETA, data_variance=1.0,
+                 downsample=PAPER_DOWNSAMPLE, beta=PAPER_BETA, data_variance=1.0,
                  quantizer=PAPER_QUANTIZER, ema_decay=PAPER_EMA_DECAY,
                  restart_threshold=RESTART_THRESHOLD, **kwargs):
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
         super().__init__(**kwargs)
         self.pixel_range = tuple(pixel_range)
-        self.downsampling = downsampling
+        self.downsample = downsample
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.beta = beta
@@ -417,7 +417,7 @@ class VQVAE(keras.Model):
         self.quantizer_kind = quantizer
         self.ema_decay = ema_decay
         self.restart_threshold = restart_threshold
-        self.encoder = build_encoder(embedding_dim, downsampling)
+        self.encoder = build_encoder(embedding_dim, downsample)
         # float32 even under mixed precision: nearest-code distances need the precision
         if quantizer == "ema":
             self.quantizer = EMAVectorQuantizer(
@@ -428,7 +428,7 @@ class VQVAE(keras.Model):
             self.quantizer = VectorQuantizer(
                 num_embeddings, embedding_dim, beta, dtype="float32", name="quantizer"
             )
-        self.decoder = build_decoder(embedding_dim, self.pixel_range, downsampling)
+        self.decoder = build_decoder(embedding_dim, self.pixel_range, downsample)
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
@@ -438,7 +438,7 @@ class VQVAE(keras.Model):
         return self.decoder(self.quantizer(z_e, training=training))
 
     def encode_to_indices(self, images):
-        """Images (B, H, W, 1) -> code maps (B, H/s, W/s) of codes in [0, K), s = downsampling."""
+        """Images (B, H, W, 1) -> code maps (B, H/s, W/s) of codes in [0, K), s = downsample."""
         return self.quantizer.code_indices(self.encoder(images))
 
     def decode_indices(self, indices):
@@ -493,7 +493,7 @@ class VQVAE(keras.Model):
             "beta": self.beta,
             "data_variance": self.data_variance,
             "pixel_range": self.pixel_range,
-            "downsampling": self.downsampling,
+            "downsample": self.downsample,
             "quantizer": self.quantizer_kind,
             "ema_decay": self.ema_decay,
             "restart_threshold": self.restart_threshold,

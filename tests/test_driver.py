@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import driver
+import data
 import evaluation
+import runs
 from conftest import TINY_RUN, flattened, one_line_error, run_driver, write_split_folders
 
 FIGURES = ("loss_plot.png", "ssim_plot.png", "codebook_results.png", "samples.png",
@@ -82,7 +83,7 @@ def test_evaluate_reloads_and_recomputes_everything(copied_run):
 def test_a_rerun_replaces_the_samples_folder_whole(tmp_path):
     folder = tmp_path / "samples"
     images = np.linspace(0, 1, 3 * 8 * 8).reshape(3, 8, 8, 1)
-    driver.save_sample_pngs(images, folder)
+    runs.save_sample_pngs(images, folder)
     (folder / "stale.png").write_bytes(b"")
 
     def fail_half_way(temporary):
@@ -90,10 +91,10 @@ def test_a_rerun_replaces_the_samples_folder_whole(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        driver.replace_folder_atomically(folder, fail_half_way)
+        runs.replace_folder_atomically(folder, fail_half_way)
     assert sorted(p.name for p in folder.iterdir()) == [
         "sample_000.png", "sample_001.png", "sample_002.png", "stale.png"]
-    driver.save_sample_pngs(images[:2], folder)
+    runs.save_sample_pngs(images[:2], folder)
     assert sorted(p.name for p in folder.iterdir()) == ["sample_000.png", "sample_001.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
     np.testing.assert_array_equal(np.asarray(Image.open(folder / "sample_001.png")),
@@ -137,7 +138,7 @@ def test_missing_data_folder_points_to_oasis_and_demo(capsys, tmp_path):
 
 
 def test_the_bundled_demo_slices_load_through_the_oasis_loader():
-    splits = driver.load_splits(driver.DEMO_DATA, 32, 0.5, 64, demo=True)
+    splits = data.load_splits(data.DEMO_DATA, 32, 0.5, 64, demo=True)
     sizes = {split: sum(len(batch) for batch in splits.scaled(split))
              for split in ("train", "validate", "test")}
     assert sizes == {"train": 384, "validate": 64, "test": 64}
@@ -148,24 +149,24 @@ def test_the_bundled_demo_slices_load_through_the_oasis_loader():
 
 def test_no_pipeline_runs_the_autotuner():
     """Its thread made each iterator's end wait for its next wake-up: epochs doubled at random."""
-    splits = driver.load_splits(driver.DEMO_DATA, 32, 0.5, 64, demo=True)
+    splits = data.load_splits(data.DEMO_DATA, 32, 0.5, 64, demo=True)
     codes, heights = np.zeros((8, 4, 4), "int32"), np.zeros(8, "float32")
     pipelines = [splits.scaled("test"), splits.shuffled_train(seed=0), splits.test,
-                 driver.code_dataset(codes, None, 4), driver.code_dataset(codes, heights, 4, 0)]
+                 data.code_dataset(codes, None, 4), data.code_dataset(codes, heights, 4, 0)]
     assert not any(pipeline.options().autotune.enabled for pipeline in pipelines)
 
 
 def test_demo_run_at_a_tiny_setting(tmp_path):
     """--demo on a few of the bundled slices, 1 epoch each: the demo path end to end."""
-    data = tmp_path / "demo"
-    for folder in driver.SPLIT_FOLDERS.values():
-        (data / folder).mkdir(parents=True)
+    demo = tmp_path / "demo"
+    for folder in data.SPLIT_FOLDERS.values():
+        (demo / folder).mkdir(parents=True)
         # every 16th slice, but enough test slices for the realism test
-        stride = 5 if folder == driver.SPLIT_FOLDERS["test"] else 16
-        for image in sorted((driver.DEMO_DATA / folder).glob("*.png"))[::stride]:
-            shutil.copy(image, data / folder)
+        stride = 5 if folder == data.SPLIT_FOLDERS["test"] else 16
+        for image in sorted((data.DEMO_DATA / folder).glob("*.png"))[::stride]:
+            shutil.copy(image, demo / folder)
     out = tmp_path / "out"
-    result = run_driver("--demo", "--data", data, "--out", out,
+    result = run_driver("--demo", "--data", demo, "--out", out,
                         "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_settings.json").read_text())["demo"] is True
@@ -203,11 +204,11 @@ def test_unwritable_output_folder(capsys, tmp_path):
 
 
 def test_non_image_files_are_ignored_and_odd_images_converted(tmp_path, capsys):
-    data = write_split_folders(tmp_path / "data")
-    train = data / "keras_png_slices_train"
+    folder = write_split_folders(tmp_path / "data")
+    train = folder / "keras_png_slices_train"
     (train / "notes.txt").write_text("not an image")
     Image.new("RGB", (40, 24), (200, 10, 10)).save(train / "case_099_slice_0.nii.png")
-    splits = driver.load_splits(data, 32, 0.5, batch_size=4, demo=False)
+    splits = data.load_splits(folder, 32, 0.5, batch_size=4, demo=False)
     images = list(splits.train.as_numpy_iterator())
     assert len(images) == 17 and all(image.shape == (32, 32, 1) for image in images)
     assert "converted" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-import driver
+import runs
 import vqvae
 from conftest import (PIXEL_RANGE, REPO, TINY_RUN, flattened, one_line_error, run_driver,
                       write_split_folders)
@@ -62,7 +62,7 @@ def test_a_damaged_checkpoint_is_named_and_kept(copied_run, capsys, evaluate):
     checkpoint.write_bytes(damaged)
     metrics = (copied_run["out"] / "metrics.json").read_bytes()
     # a rerun must name the data the run was made on (the copy's folder would be other settings)
-    data = json.loads((copied_run["checkpoints"] / driver.SETTINGS_FILE).read_text())["data"]
+    data = json.loads((copied_run["checkpoints"] / runs.SETTINGS_FILE).read_text())["data"]
     message = one_line_error(capsys, [
         "--data", data, "--out", str(copied_run["out"]),
         "--checkpoint-dir", str(copied_run["checkpoints"]), *TINY_RUN,
@@ -88,17 +88,17 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     images = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
     model(images)
-    checkpoints = driver.Checkpoints.in_folder(tmp_path, "vqvae")
+    checkpoints = runs.Checkpoints.in_folder(tmp_path, "vqvae")
     after_first_epoch = PoisonWeights()
-    with pytest.raises(driver.PipelineError, match="loss became nan.*lower the learning rate"):
-        driver.fit(model, images, None, 3, checkpoints, tmp_path / "logs",
+    with pytest.raises(runs.PipelineError, match="loss became nan.*lower the learning rate"):
+        runs.fit(model, images, None, 3, checkpoints, tmp_path / "logs",
                    callbacks=[after_first_epoch])
     assert len(json.loads(checkpoints.history.read_text())) == 1
     # the backup holds the first epoch's weights, which the NaN never reached
     restored = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
     restored.compile(optimizer=keras.optimizers.Adam(1e-3))
     restored(images)
-    restore = driver.AtomicBackupAndRestore(str(checkpoints.backup))
+    restore = runs.AtomicBackupAndRestore(str(checkpoints.backup))
     restore.set_model(restored)
     restore.on_train_begin()
     assert restored._initial_epoch == 1  # resumes with the second epoch
@@ -108,14 +108,14 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "metrics.json"
-    driver.save_json({"old": 1.0}, target)
+    runs.save_json({"old": 1.0}, target)
 
     def write_half_then_fail(path):
         path.write_text('{"new": ')
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        driver.replace_atomically(target, write_half_then_fail)
+        runs.replace_atomically(target, write_half_then_fail)
     assert json.loads(target.read_text()) == {"old": 1.0}
     assert os.listdir(tmp_path) == ["metrics.json"]
 
@@ -129,7 +129,7 @@ def compiled_vqvae():
 
 def test_a_kill_while_backing_up_keeps_the_previous_epochs_backup(tmp_path, monkeypatch):
     model = compiled_vqvae()
-    backup = driver.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    backup = runs.AtomicBackupAndRestore(str(tmp_path / "backup"))
     backup.set_model(model)
     backup.on_epoch_end(0)
     saved = [w.numpy() for w in model.weights]
@@ -145,7 +145,7 @@ def test_a_kill_while_backing_up_keeps_the_previous_epochs_backup(tmp_path, monk
         backup.on_epoch_end(1)
 
     restored = compiled_vqvae()
-    restore = driver.AtomicBackupAndRestore(str(tmp_path / "backup"))
+    restore = runs.AtomicBackupAndRestore(str(tmp_path / "backup"))
     restore.set_model(restored)
     restore.on_train_begin()
     assert restored._initial_epoch == 1
@@ -156,17 +156,17 @@ def test_a_kill_while_backing_up_keeps_the_previous_epochs_backup(tmp_path, monk
 def test_training_ends_with_the_best_validation_epoch_even_after_a_resume(tmp_path):
     model = compiled_vqvae()
     history = tmp_path / "history.json"
-    keep = driver.KeepBest(tmp_path / "best.weights.h5", history)
+    keep = runs.KeepBest(tmp_path / "best.weights.h5", history)
     keep.set_model(model)
     keep.on_train_begin()
     best = [w.numpy() for w in model.weights]
     keep.on_epoch_end(0, {"val_loss": 1.0})
-    driver.save_json([{"val_loss": 1.0}], history)
+    runs.save_json([{"val_loss": 1.0}], history)
     for weight in model.trainable_weights:
         weight.assign(weight + 1.0)
 
     # a resumed run: a worse epoch does not replace the best one
-    resumed = driver.KeepBest(tmp_path / "best.weights.h5", history)
+    resumed = runs.KeepBest(tmp_path / "best.weights.h5", history)
     resumed.set_model(model)
     resumed.on_train_begin()
     resumed.on_epoch_end(1, {"val_loss": 1.5})

@@ -6,8 +6,10 @@ import json
 import numpy as np
 import pytest
 
+import data
 import driver
 import evaluation
+import runs
 from conftest import TINY_RUN, one_line_error, run_driver, write_split_folders
 
 SLICES_PER_CASE = 4
@@ -17,23 +19,23 @@ SLICES_PER_CASE = 4
                                          ("case_301_slice_31.nii.png", 31),
                                          ("case_057_slice_7.nii.png", 7)])
 def test_slice_index_from_oasis_and_demo_names(name, index):
-    assert driver.slice_index(f"/data/keras_png_slices_train/{name}") == index
+    assert data.slice_index(f"/data/keras_png_slices_train/{name}") == index
 
 
 def test_a_name_without_a_slice_index_is_refused_by_name():
-    with pytest.raises(driver.PipelineError, match="brain_17.png") as error:
-        driver.slice_index("/data/keras_png_slices_train/brain_17.png")
+    with pytest.raises(runs.PipelineError, match="brain_17.png") as error:
+        data.slice_index("/data/keras_png_slices_train/brain_17.png")
     assert "\n" not in str(error.value)
 
 
 def test_heights_are_relative_to_the_slices_per_case(tmp_path):
-    data = write_split_folders(tmp_path / "data", slices_per_case=SLICES_PER_CASE)
-    splits = driver.load_splits(data, 32, 0.5, 8, demo=False)
+    folder = write_split_folders(tmp_path / "data", slices_per_case=SLICES_PER_CASE)
+    splits = data.load_splits(folder, 32, 0.5, 8, demo=False)
     assert splits.top_slice == SLICES_PER_CASE - 1
     heights = splits.heights("test")
     # file order is the datasets' order: case_000_slice_0, case_000_slice_1, ..
     np.testing.assert_allclose(heights[:SLICES_PER_CASE], [0, 1 / 3, 2 / 3, 1], atol=1e-6)
-    demo = driver.load_splits(driver.DEMO_DATA, 32, 0.5, 8, demo=True)
+    demo = data.load_splits(data.DEMO_DATA, 32, 0.5, 8, demo=True)
     assert demo.top_slice == 7 and set(np.round(demo.heights("test") * 7)) == set(range(8))
 
 
@@ -56,15 +58,15 @@ def test_slice_without_a_conditional_prior_is_refused(capsys):
 
 
 def test_the_plain_prior_is_unconditional_and_refuses_conditioning(capsys):
-    assert driver.parse_args([]).condition == "slice"
-    assert driver.parse_args(["--pcnn-type", "plain"]).condition == "none"
+    assert driver.parse_args([]).prior.condition == "slice"
+    assert driver.parse_args(["--pcnn-type", "plain"]).prior.condition == "none"
     message = one_line_error(capsys, ["--pcnn-type", "plain", "--condition", "slice"])
     assert "--condition" in message and "gated" in message
 
 
 def test_the_plain_prior_learns_no_positions(capsys):
-    assert driver.parse_args([]).pcnn_positions == driver.DEFAULT_POSITIONS
-    assert driver.parse_args(["--pcnn-type", "plain"]).pcnn_positions == "none"
+    assert driver.parse_args([]).prior.pcnn_positions == "learned"
+    assert driver.parse_args(["--pcnn-type", "plain"]).prior.pcnn_positions == "none"
     message = one_line_error(capsys, ["--pcnn-type", "plain", "--pcnn-positions", "learned"])
     assert "--pcnn-positions" in message and "gated" in message
 
@@ -72,18 +74,18 @@ def test_the_plain_prior_learns_no_positions(capsys):
 def test_sample_heights():
     test_heights = np.array([1, 0.5, 0, 0.5, 1, 0])
     # without --slice: the test slices' heights, as many samples at each as the test split has
-    np.testing.assert_allclose(driver.sample_heights(None, 6, 7, test_heights),
+    np.testing.assert_allclose(data.sample_heights(None, 6, 7, test_heights),
                                [0, 0, 0.5, 0.5, 1, 1])
-    np.testing.assert_allclose(driver.sample_heights(None, 3, 7, test_heights), [0, 0.5, 1])
-    np.testing.assert_allclose(driver.sample_heights([0.2, 7], 4, 7, test_heights),
+    np.testing.assert_allclose(data.sample_heights(None, 3, 7, test_heights), [0, 0.5, 1])
+    np.testing.assert_allclose(data.sample_heights([0.2, 7], 4, 7, test_heights),
                                [0.2, 0.2, 1, 1])
-    with pytest.raises(driver.PipelineError, match="8"):
-        driver.sample_heights([8], 4, 7, test_heights)
+    with pytest.raises(runs.PipelineError, match="8"):
+        data.sample_heights([8], 4, 7, test_heights)
 
 
 def test_conditional_sample_names_carry_the_height(tmp_path):
     images = np.zeros((2, 8, 8, 1))
-    driver.save_sample_pngs(images, tmp_path / "samples", heights=[0.5, 1 / 3])
+    runs.save_sample_pngs(images, tmp_path / "samples", heights=[0.5, 1 / 3])
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "sample_000_slice_0.50.png", "sample_001_slice_0.33.png"]
 
@@ -146,9 +148,11 @@ def test_conditional_nll_is_given_the_heights():
 
 
 def test_models_saved_before_the_condition_flag_are_evaluated_unconditionally(tmp_path):
-    settings = driver.model_settings(driver.parse_args([])) | {"data": "somewhere"}
+    defaults = driver.parse_args([])
+    settings = defaults.model_settings()
+    settings["data"] = "somewhere"
     del settings["condition"]
-    (tmp_path / driver.SETTINGS_FILE).write_text(json.dumps(settings))
-    args = driver.parse_args(["--evaluate", "--checkpoint-dir", str(tmp_path)])
-    assert args.condition == "slice"  # the default now
-    assert driver.trained_settings(args).condition == "none"
+    (tmp_path / runs.SETTINGS_FILE).write_text(json.dumps(settings))
+    given = driver.parse_args(["--evaluate", "--checkpoint-dir", str(tmp_path)])
+    assert given.prior.condition == "slice"  # the default now
+    assert given.as_trained().prior.condition == "none"

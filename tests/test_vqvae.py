@@ -79,30 +79,30 @@ def test_vq_loss_gradients_flow_as_in_eq3():
                                rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("downsampling", [vqvae.PAPER_DOWNSAMPLING, 8, 16])
-def test_vqvae_shapes_and_codes(downsampling):
+@pytest.mark.parametrize("downsample", [vqvae.PAPER_DOWNSAMPLE, 8, 16])
+def test_vqvae_shapes_and_codes(downsample):
     model = vqvae.VQVAE(num_embeddings=8, embedding_dim=2, pixel_range=PIXEL_RANGE,
-                        downsampling=downsampling)
+                        downsample=downsample)
     images = np.zeros((2, 32, 64, 1), "float32")
     assert model(images).shape == (2, 32, 64, 1)
     codes = model.encode_to_indices(images)
-    assert codes.shape == (2, 32 // downsampling, 64 // downsampling)
+    assert codes.shape == (2, 32 // downsample, 64 // downsample)
     assert model.decode_indices(codes).shape == (2, 32, 64, 1)
 
 
 def test_downsampling_must_be_a_power_of_two():
-    assert vqvae.downsampling_filters(vqvae.PAPER_DOWNSAMPLING) == (32, 64)  # the seed's
+    assert vqvae.downsampling_filters(vqvae.PAPER_DOWNSAMPLE) == (32, 64)  # the seed's
     with pytest.raises(ValueError, match="power of 2"):
-        vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=6)
+        vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsample=6)
 
 
-@pytest.mark.parametrize("downsampling", [2, 4, 8, 16])
-def test_the_decoder_mirrors_the_encoder(downsampling):
+@pytest.mark.parametrize("downsample", [2, 4, 8, 16])
+def test_the_decoder_mirrors_the_encoder(downsample):
     """Each upsampling outputs the channels the encoder's convolution at the resolution it
     reaches took in; at full resolution, where the encoder took in the image, FIRST_FILTERS."""
-    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsampling=downsampling)
+    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE, downsample=downsample)
     encoder, decoder = model.encoder, model.decoder
-    halvings = len(vqvae.downsampling_filters(downsampling))
+    halvings = len(vqvae.downsampling_filters(downsample))
     took_in = [encoder.get_layer(f"down{i + 1}").input.shape[-1] for i in range(halvings)]
     outputs = [decoder.get_layer(f"up{i + 1}").output.shape[-1] for i in range(halvings)]
     assert outputs == [*reversed(took_in[1:]), vqvae.FIRST_FILTERS]
@@ -113,8 +113,8 @@ def test_library_defaults_are_the_papers():
     division by the data variance); the EMA decay of appendix A.1."""
     config = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE).get_config()
     assert {name: config[name] for name in
-            ("beta", "downsampling", "quantizer", "data_variance", "ema_decay")} == dict(
-        beta=0.25, downsampling=4, quantizer="loss", data_variance=1.0, ema_decay=0.99)
+            ("beta", "downsample", "quantizer", "data_variance", "ema_decay")} == dict(
+        beta=0.25, downsample=4, quantizer="loss", data_variance=1.0, ema_decay=0.99)
 
 
 def test_an_untrained_decoder_draws_the_black_background():
@@ -140,14 +140,14 @@ def test_training_reduces_loss():
 
 def test_save_load_round_trip(tmp_path):
     model = vqvae.VQVAE(8, 3, beta=0.7, data_variance=0.05, pixel_range=(-0.25, 0.75),
-                        downsampling=8)
+                        downsample=8)
     images = np.random.default_rng(0).uniform(-0.5, 0.5, size=(2, 16, 16, 1)).astype("float32")
     model(images)
     model.save(tmp_path / "vqvae.keras")
     loaded = keras.models.load_model(tmp_path / "vqvae.keras", safe_mode=True)
     np.testing.assert_array_equal(model(images).numpy(), loaded(images).numpy())
     np.testing.assert_array_equal(model.encode_to_indices(images), loaded.encode_to_indices(images))
-    assert (loaded.beta, loaded.data_variance, loaded.pixel_range, loaded.downsampling) == (
+    assert (loaded.beta, loaded.data_variance, loaded.pixel_range, loaded.downsample) == (
         0.7, 0.05, (-0.25, 0.75), 8)
 
 

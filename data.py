@@ -1,0 +1,213 @@
+"""The slices: the three split folders in the OASIS layout, read once into cached datasets, and
+the datasets the two models train on (scaled image batches; code maps, with each slice's height).
+
+    keras_png_slices_{train,validate,test}/case_001_slice_17.nii.png   (256x256 grayscale)
+
+Images are read with keras.utils.image_dataset_from_directory, kept as uint8 and scaled in each
+batch to pixel / 255 - shift.
+"""
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
+
+import evaluation
+from runs import PipelineError
+
+SPLIT_FOLDERS = {
+    "train": "keras_png_slices_train",
+    "validate": "keras_png_slices_validate",
+    "test": "keras_png_slices_test",
+}
+DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+OASIS_SOURCE = (
+    "OASIS slices come as keras_png_slices_data.zip from the OASIS-1 brain MRI project "
+    "(oasis-brains.org, via your course page); unzip it and pass the folder holding "
+    "keras_png_slices_train, keras_png_slices_validate and keras_png_slices_test with --data"
+)
+EXPECTED_SIZE = 256  # OASIS slices are 256x256; other sizes are resized with a warning
+PIXEL_MAX = 255.0
+PREFETCHED_BATCHES = 2  # the next batch is ready when a step ends, one more in the making
+NUMPY_BATCH = 256  # images converted to one numpy array at a time
+# OASIS and the demo name each slice's axial position: case_001_slice_17.nii.png
+SLICE_NAME = re.compile(r"slice_(\d+)")
+
+
+def check_split_folder(folder):
+    """Fail on a missing or empty split or an unreadable PNG; warn on images that get converted.
+
+    Returns the number of images.
+    """
+    if not folder.is_dir():
+        raise PipelineError(f"split folder {folder} is missing; expected the OASIS layout "
+                            f"({', '.join(SPLIT_FOLDERS.values())}) under --data")
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
+    if not images:
+        raise PipelineError(f"split folder {folder} holds no .png images; "
+                            "put the split's slices there")
+    converted = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                if image.mode != "L" or image.size != (EXPECTED_SIZE, EXPECTED_SIZE):
+                    converted.append(f"{path.name} ({image.mode}, {image.size[0]}x{image.size[1]})")
+        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+            raise PipelineError(f"unreadable image {path} ({error}); "
+                                "delete or replace it and rerun") from None
+    if converted:
+        print(f"driver.py: warning: {folder.name}: {len(converted)} image(s) are not "
+              f"{EXPECTED_SIZE}x{EXPECTED_SIZE} grayscale and are converted and resized, "
+              f"e.g. {converted[0]}", file=sys.stderr)
+    return len(images)
+
+
+def untuned(dataset):
+    """The dataset, and every dataset made from it, without tf.data's autotuner. Its thread
+    wakes at growing intervals, and an iterator's end waits for the next wake, which made epochs
+    take up to twice as long at random. Our pipelines are a cache, a cast and a fixed prefetch,
+    with nothing to tune."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
+def sharded_by_data(dataset):
+    """The dataset with each worker of a cluster taking its share of every global batch: the
+    in-memory cache has no files to shard by, which the default policy would try first."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def load_split(folder, size):
+    """Decode a split once into a cached dataset of uint8 images (N, size, size, 1), and the
+    images' file paths in the same order."""
+    images = keras.utils.image_dataset_from_directory(
+        folder, labels=None, color_mode="grayscale", image_size=(size, size),
+        batch_size=None, shuffle=False, verbose=False,
+    )
+    # uint8 in the cache takes a quarter of float32's memory.
+    cached = untuned(images.map(lambda x: tf.cast(tf.round(x), tf.uint8)).cache())
+    return cached, images.file_paths
+
+
+def slice_index(path):
+    """The n of a file named like case_001_slice_<n>.nii.png."""
+    match = SLICE_NAME.search(Path(path).name)
+    if match is None:
+        raise PipelineError(f"{path} has no slice_<n> in its name, which --condition slice "
+                            "reads the slice's height from (as in case_001_slice_7.nii.png); "
+                            "rename it or pass --condition none")
+    return int(match.group(1))
+
+
+@dataclass
+class Splits:
+    train: tf.data.Dataset
+    validate: tf.data.Dataset
+    test: tf.data.Dataset
+    shift: float
+    batch_size: int
+    file_paths: dict  # {split: [path of each image, in the datasets' order]}
+
+    @property
+    def top_slice(self):
+        """The highest slice index of the training split: slices per case - 1."""
+        top = max(slice_index(path) for path in self.file_paths["train"])
+        if top == 0:
+            raise PipelineError("every training slice is named slice_0; --condition slice needs "
+                                "several heights per case")
+        return top
+
+    def heights(self, split):
+        """Each image's relative height in [0, 1]: its slice index / (slices per case - 1), so
+        that OASIS's 32 heights and the demo's 8 mean the same."""
+        indices = np.array([slice_index(path) for path in self.file_paths[split]], "float32")
+        return indices / self.top_slice
+
+    def scaled(self, split):
+        """Batches of images in [-shift, 1 - shift]."""
+        return self._batched_and_scaled(getattr(self, split))
+
+    def shuffled_train(self, seed):
+        count = int(self.train.cardinality())
+        return self._batched_and_scaled(
+            self.train.shuffle(count, seed=seed, reshuffle_each_iteration=True))
+
+    def _batched_and_scaled(self, images):
+        return sharded_by_data(images.batch(self.batch_size)
+                               .map(lambda x: tf.cast(x, tf.float32) / PIXEL_MAX - self.shift)
+                               .prefetch(PREFETCHED_BATCHES))
+
+    def pixels(self, split):
+        """The split's uint8 images as one array (N, size, size, 1)."""
+        return np.concatenate(list(getattr(self, split).batch(NUMPY_BATCH).as_numpy_iterator()))
+
+    def unit_range(self, split):
+        """The split's images in [0, 1] as one float array (N, size, size, 1)."""
+        return self.pixels(split) / PIXEL_MAX
+
+
+def load_splits(data_dir, size, shift, batch_size, demo):
+    if not data_dir.is_dir():
+        hint = "" if demo else f"; {OASIS_SOURCE}, or run with --demo for the bundled slices"
+        raise PipelineError(f"data folder {data_dir} not found{hint}")
+    folders = {split: data_dir / folder for split, folder in SPLIT_FOLDERS.items()}
+    test_count = [check_split_folder(folder) for folder in folders.values()][-1]
+    if test_count < evaluation.MIN_IMAGES_PER_SET:
+        raise PipelineError(
+            f"{folders['test']} holds {test_count} images; the realism test needs at least "
+            f"{evaluation.MIN_IMAGES_PER_SET} ({evaluation.C2ST_FOLDS}-fold cross-validation)")
+    images, paths = zip(*(load_split(folder, size) for folder in folders.values()))
+    return Splits(*images, shift, batch_size, dict(zip(SPLIT_FOLDERS, paths)))
+
+
+def pixel_variance(images):
+    """Variance of the pixels in [0, 1] of a uint8 dataset; shifting does not change it."""
+    total, total_squares, count = 0.0, 0.0, 0
+    for batch in images.batch(NUMPY_BATCH).as_numpy_iterator():
+        pixels = batch.astype(np.float64) / PIXEL_MAX
+        total += pixels.sum()
+        total_squares += (pixels**2).sum()
+        count += pixels.size
+    mean = total / count
+    return total_squares / count - mean**2
+
+
+def slice_heights(splits, conditional):
+    """{split: each image's relative height} for a prior conditioned on it, else {split: None}."""
+    return {split: splits.heights(split) if conditional else None for split in SPLIT_FOLDERS}
+
+
+def code_dataset(codes, heights, batch_size, seed=None):
+    """(codes, codes) pairs, or ((codes, heights), codes) for a conditional prior (heights not
+    None); shuffled each epoch when a seed is given."""
+    inputs = codes if heights is None else (codes, heights)
+    data = untuned(tf.data.Dataset.from_tensor_slices((inputs, codes)))
+    if seed is not None:
+        data = data.shuffle(len(codes), seed=seed, reshuffle_each_iteration=True)
+    return sharded_by_data(data.batch(batch_size).prefetch(PREFETCHED_BATCHES))
+
+
+def sample_heights(requested, num_samples, top_slice, test_heights):
+    """The relative height of each of num_samples samples: spread in order over the --slice
+    values (heights, or slice indices / top_slice), or without them the test slices' heights,
+    evenly over their sorted list, so that the realism test compares samples and test slices of
+    the same heights."""
+    if requested is None:
+        picks = (np.arange(num_samples) + 0.5) * len(test_heights) / num_samples
+        return np.sort(test_heights)[picks.astype(int)].astype("float32")
+    too_high = [value for value in requested if isinstance(value, int) and value > top_slice]
+    if too_high:
+        raise PipelineError(f"--slice {too_high[0]} is above the data's highest slice index, "
+                            f"{top_slice}")
+    heights = np.array([value / top_slice if isinstance(value, int) else value
+                        for value in requested], "float32")
+    return heights[np.arange(num_samples) * len(heights) // num_samples]

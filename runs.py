@@ -1,0 +1,600 @@
+"""Run plumbing: the settings of a run, files written atomically, resumable training, saved
+models, and the distribution strategies. Nothing here is the models' math.
+
+- Settings: frozen configs (nanoGPT's GPTConfig pattern) filled from the flags; the settings a
+  checkpoint was made with are their fields, and a resumed run must match them.
+- Files: every output is written to a temporary name and renamed, so a killed run never leaves
+  half a file and never removes the last run's output before the new one is complete.
+- Training: `fit` resumes from the last finished epoch, keeps the history, stops on a non-finite
+  loss and ends with the best validation epoch's weights.
+- Clusters: --strategy's tf.distribute strategies and what the workers of a cluster agree on.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+import pixelcnn
+import vqvae
+
+PIXEL_MAX = 255.0
+SETTINGS_FILE = "settings.json"
+# What models saved before a setting existed were trained with.
+LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none"}
+FIGURE_DPI = 120
+# tf.image.ssim's Gaussian window is 11 pixels wide, and the code grid is smaller still.
+MIN_IMAGE_SIZE = 16
+
+
+class PipelineError(Exception):
+    """A problem with the input or the environment, reported as one line without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: each field of a config is a flag of driver.py, with its default and help line here.
+# The defaults are ours, chosen at 256x256 (docs/experiments.md); the libraries' constructors
+# default to the papers' values.
+
+
+def checked(kind, test, requirement):
+    """An argparse type: parse with `kind`, then insist on `test`."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+open_unit_interval = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1, exclusive")
+positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+non_negative_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+square_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_IMAGE_SIZE}")
+power_of_two = checked(int, lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2")
+
+
+def setting(default, help, type=None, choices=None, alias=None):
+    """A config field that is also a flag: --name-with-hyphens (and an older spelling, alias),
+    parsed by `type` or one of `choices`, explained by `help`."""
+    flag = {"help": help, "type": type, "choices": choices, "alias": alias}
+    return dataclasses.field(default=default, metadata=flag)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the models learn from: the slices, their size and scaling, the batch and the seed."""
+
+    data: Path = setting(Path("keras_png_slices_data"), type=Path,
+                         help="folder holding keras_png_slices_{train,validate,test}")
+    image_size: int = setting(256, type=square_size,
+                              help="images are resized to this square size, a multiple of "
+                                   "--downsample")
+    shift: float = setting(0.5, type=unit_interval,
+                           help="subtracted after dividing by 255; 0.5 gives [-0.5, 0.5]")
+    batch_size: int = setting(16, type=positive_int, alias="--batch_size",
+                              help="batch size of both models")
+    seed: int = setting(0, type=non_negative_int, help="seed of every random source")
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """The VQ-VAE and its training."""
+
+    K: int = setting(128, type=positive_int, help="K, the number of codebook vectors")
+    D: int = setting(16, type=positive_int, help="D, the size of each codebook vector")
+    beta: float = setting(1.5, type=non_negative_float,
+                          help="beta, the commitment loss weight of eq. 3")
+    downsample: int = setting(8, type=power_of_two,
+                              help="the code grid is the image divided by this in each direction "
+                                   "(the paper's and the seed's 4; 8 or 16 give the prior a "
+                                   "smaller map)")
+    quantizer: str = setting("ema", choices=vqvae.QUANTIZERS,
+                             help="how the codebook learns: ema, moving averages of the encoder "
+                                  "outputs (the paper's appendix A.1) with restarts of unused "
+                                  "codes; loss, the codebook term of eq. 3")
+    ema_decay: float = setting(vqvae.PAPER_EMA_DECAY, type=open_unit_interval,
+                               help="gamma, the decay of the EMA codebook's moving averages")
+    restart_threshold: float = setting(
+        vqvae.RESTART_THRESHOLD, type=non_negative_float,
+        help="an EMA code used by fewer encoder outputs per batch than this (moving average) is "
+             "restarted at an encoder output drawn in proportion to its squared quantization "
+             "error; 0 never restarts")
+    epochs: int = setting(30, type=non_negative_int, help="VQ-VAE training epochs")
+    learning_rate: float = setting(1e-3, type=positive_float, alias="--learning_rate",
+                                   help="VQ-VAE Adam learning rate")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """The PixelCNN prior and its training. Conditioning on the slice's height and learned
+    positions default to on for the gated prior and off for the plain one, which has neither."""
+
+    pcnn_type: str = setting("gated", choices=pixelcnn.KINDS,
+                             help="plain masked convolutions or the gated PixelCNN")
+    pcnn_epochs: int = setting(30, type=non_negative_int, help="PixelCNN training epochs")
+    pcnn_learning_rate: float = setting(1e-3, type=positive_float,
+                                        help="PixelCNN Adam learning rate")
+    pcnn_filters: int = setting(64, type=positive_int, help="channels of every PixelCNN layer")
+    pcnn_res_blocks: int = setting(8, type=non_negative_int,
+                                   help="residual (plain) or gated (gated) blocks after the "
+                                        "first masked convolution")
+    pcnn_dilation_cycle: int = setting(
+        4, type=positive_int,
+        help="block i's masked convolutions are dilated by 2 ** (i mod this), so the prior's "
+             "reach grows exponentially with depth: 4 with 8 blocks sees a whole 32x32 map; 1 "
+             "is the paper's undilated stack")
+    pcnn_layers: int = setting(2, type=non_negative_int,
+                               help="1x1 convolution layers between the blocks and the logits")
+    condition: str = setting(None, choices=pixelcnn.CONDITIONS,
+                             help="none: the prior models p(c); slice: p(c | h), conditioned on "
+                                  "each slice's relative height h in [0, 1] read from its file "
+                                  "name (slice_<n>; section 2.3 of the PixelCNN paper), gated "
+                                  "prior only (default: slice for the gated prior, none for the "
+                                  "plain one)")
+    pcnn_positions: str = setting(None, choices=("none", "learned"),
+                                  help="learned: each code's embedding is added to a learned "
+                                       "embedding of its row and column, so that the prior knows "
+                                       "where the map ends; gated prior only (default: learned "
+                                       "for the gated prior, none for the plain one)")
+
+    def __post_init__(self):
+        gated = self.pcnn_type == "gated"
+        if self.condition is None:
+            object.__setattr__(self, "condition", "slice" if gated else "none")
+        if self.pcnn_positions is None:
+            object.__setattr__(self, "pcnn_positions", "learned" if gated else "none")
+
+    @property
+    def conditional(self):
+        return self.condition == "slice"
+
+    def build(self, num_embeddings, grid_shape):
+        """The prior over code maps of grid_shape (rows, columns), uncompiled."""
+        return pixelcnn.build_pixelcnn(
+            num_embeddings, self.pcnn_filters, self.pcnn_res_blocks, self.pcnn_layers,
+            kind=self.pcnn_type, dilation_cycle=self.pcnn_dilation_cycle,
+            condition=self.condition,
+            positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None)
+
+
+# Settings' fields that hold the configs of the models, whose fields settings.json keeps.
+MODEL_CONFIGS = ("data", "vqvae", "prior")
+
+
+def add_flags(group, config_class, defaults=None):
+    """One flag per field of config_class in an argparse group; `defaults` (a dict) overrides
+    the config's own."""
+    for field in dataclasses.fields(config_class):
+        flag = field.metadata
+        names = [f"--{field.name.replace('_', '-')}"] + ([flag["alias"]] if flag["alias"] else [])
+        default = (defaults or {}).get(field.name, field.default)
+        shown = "" if default is None else " (default: %(default)s)"
+        group.add_argument(*names, dest=field.name, default=default, type=flag["type"],
+                           choices=flag["choices"], help=flag["help"] + shown)
+
+
+def from_flags(config_class, flags):
+    """A config with the values of the flags (an argparse namespace or a dict) of its fields."""
+    flags = flags if isinstance(flags, dict) else vars(flags)
+    return config_class(**{field.name: flags[field.name]
+                            for field in dataclasses.fields(config_class)})
+
+
+def model_settings(*configs):
+    """What a checkpoint was made with, as settings.json holds it: one flat dict of the configs'
+    fields, paths as text."""
+    settings = {}
+    for config in configs:
+        settings |= dataclasses.asdict(config)
+    return {name: str(value) if isinstance(value, Path) else value
+            for name, value in settings.items()}
+
+
+def saved_settings(folder):
+    """The settings the checkpoints in folder were made with, or None before the first run."""
+    path = folder / SETTINGS_FILE
+    return LEGACY_SETTINGS | json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings: what the models are (the three configs) and how to sample, where to
+    write and on what hardware."""
+
+    data: DataConfig
+    vqvae: VQVAEConfig
+    prior: PriorConfig
+    num_samples: int
+    temperature: float
+    slice: list  # heights or slice indices to sample at, or None: the test slices' heights
+    out: Path
+    checkpoint_dir: Path
+    evaluate: bool
+    fresh: bool
+    demo: bool
+    strategy: str
+    cpu_replicas: int
+    mixed_precision: str
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The settings of parsed flags (an argparse namespace)."""
+        options = {field.name: getattr(flags, field.name) for field in dataclasses.fields(cls)
+                   if field.name not in MODEL_CONFIGS}
+        return cls(data=from_flags(DataConfig, flags), vqvae=from_flags(VQVAEConfig, flags),
+                   prior=from_flags(PriorConfig, flags), **options)
+
+    def flat(self):
+        """Every setting in one dict of flag names, paths as text (run_settings.json)."""
+        options = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                   if field.name not in MODEL_CONFIGS}
+        return self.model_settings() | {
+            name: str(value) if isinstance(value, Path) else value
+            for name, value in options.items()}
+
+    def model_settings(self):
+        """What the checkpoints are made with (settings.json)."""
+        return model_settings(self.data, self.vqvae, self.prior)
+
+    def as_trained(self):
+        """--evaluate's settings: the configs the saved models were trained with (except --data,
+        which names the data to evaluate on now), the rest as given."""
+        saved = saved_settings(self.checkpoint_dir)
+        if saved is None:
+            return self
+        saved["data"] = self.data.data
+        return dataclasses.replace(self, data=from_flags(DataConfig, saved),
+                                   vqvae=from_flags(VQVAEConfig, saved),
+                                   prior=from_flags(PriorConfig, saved))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def replace_atomically(path, write):
+    """Call write(temporary_path), then rename the result to path."""
+    path = Path(path)
+    temporary = path.with_name(f".partial.{path.name}")  # keeps the suffix Keras checks
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def save_figure(fig, path):
+    replace_atomically(path, lambda p: fig.savefig(p, dpi=FIGURE_DPI, bbox_inches="tight"))
+
+
+def save_json(data, path):
+    replace_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def save_model(model, path):
+    replace_atomically(path, model.save)
+
+
+def replace_folder_atomically(folder, write):
+    """Call write(temporary_folder), then put the result in folder's place: a rerun never leaves a
+    half-written folder, and the old one is removed only once the new one is complete."""
+    folder = Path(folder)
+    temporary, previous = (folder.with_name(f"{prefix}{folder.name}")
+                           for prefix in (".partial.", ".previous."))
+    for leftover in (temporary, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        temporary.mkdir(parents=True)
+        write(temporary)
+        if folder.exists():
+            os.replace(folder, previous)  # a directory cannot be renamed onto a full one
+        os.replace(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def sample_name(index, height=None):
+    """sample_007.png, or with the relative height it was drawn at, sample_007_slice_0.50.png."""
+    drawn_at = "" if height is None else f"_slice_{height:.2f}"
+    return f"sample_{index:03d}{drawn_at}.png"
+
+
+def save_sample_pngs(images, folder, heights=None):
+    """Each image in [0, 1] as an 8-bit grayscale PNG, mapped back as the input slices were read
+    (pixel / 255), named by `sample_name`."""
+    heights = [None] * len(images) if heights is None else heights
+
+    def write(temporary):
+        for index, (image, height) in enumerate(zip(images, heights)):
+            pixels = np.round(np.asarray(image)[..., 0] * PIXEL_MAX).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(temporary / sample_name(index, height))
+
+    replace_folder_atomically(folder, write)
+
+
+def prepare_folder(folder, flag):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise PipelineError(
+            f"cannot write to {flag} {folder} ({error.strerror}); pass a writable folder"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable training
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops at the first NaN or infinite loss, before the epoch's checkpoint can save it."""
+
+    def __init__(self, model_name):
+        super().__init__()
+        self.model_name = model_name
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            raise PipelineError(
+                f"{self.model_name} loss became {loss} in batch {batch + 1}; the last finished "
+                "epoch is kept in --checkpoint-dir: lower the learning rate and rerun"
+            )
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore whose files are replaced atomically: Keras writes them in place, so a kill
+    during the write left a corrupt backup that the rerun could not load."""
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        # Weights first: a kill between the two renames repeats one epoch, never skips one.
+        replace_atomically(self._weights_path, self.model.save_weights)
+        save_json({"epoch": self._current_epoch, "batch": self._last_batch_seen},
+                  Path(self._training_metadata_path))
+
+
+class HistoryFile(keras.callbacks.Callback):
+    """Keeps every epoch's logs in a JSON file, so a resumed run's history is complete."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        self.epochs = read_epochs(self.path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # A run killed after writing this but before its backup repeats the epoch: overwrite it.
+        self.epochs = self.epochs[:epoch] + [{k: float(v) for k, v in logs.items()}]
+        save_json(self.epochs, self.path)
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Ends training with the weights of the epoch of lowest validation loss, kept in a file so
+    that a resumed run remembers them: the prior overfits a small training set."""
+
+    def __init__(self, path, history):
+        super().__init__()
+        self.path = path
+        self.history = history
+
+    def on_train_begin(self, logs=None):
+        self.best = min((epoch["val_loss"] for epoch in read_epochs(self.history)),
+                        default=math.inf)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs.get("val_loss", math.inf) < self.best:  # no validation data: nothing to pick
+            self.best = logs["val_loss"]
+            replace_atomically(self.path, self.model.save_weights)
+
+    def on_train_end(self, logs=None):
+        if self.path.exists():
+            self.model.load_weights(self.path)
+
+
+def read_epochs(path):
+    """The per-epoch logs a HistoryFile keeps: [{metric: value}, ...], [] before the first."""
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def by_metric(epochs):
+    """[{metric: value} per epoch] -> {metric: [value per epoch]}, or None without epochs."""
+    return {key: [epoch[key] for epoch in epochs] for key in epochs[0]} if epochs else None
+
+
+def fit(model, data, validation, epochs, checkpoints, log_dir, callbacks=()):
+    """model.fit that resumes from the last finished epoch, keeps its history in a file and in
+    TensorBoard logs, stops on a non-finite loss before that loss can reach a checkpoint and
+    ends with the weights of the best validation epoch."""
+    return model.fit(
+        data, validation_data=validation, epochs=epochs, shuffle=False,
+        # KeepBest before HistoryFile: a kill between the two then loses no best epoch
+        callbacks=[*callbacks, KeepBest(checkpoints.best, checkpoints.history),
+                   HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
+                   keras.callbacks.TensorBoard(str(log_dir)),
+                   AtomicBackupAndRestore(str(checkpoints.backup))],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class Checkpoints:
+    """Where one model's finished .keras file, per-epoch history and resumable state live."""
+
+    keras_file: Path
+    history: Path
+    backup: Path
+    best: Path
+
+    @classmethod
+    def in_folder(cls, folder, name):
+        return cls(folder / f"{name}.keras", folder / f"{name}_history.json",
+                   folder / f"{name}_backup", folder / f"{name}_best.weights.h5")
+
+    def remove(self):
+        self.keras_file.unlink(missing_ok=True)
+        self.history.unlink(missing_ok=True)
+        self.best.unlink(missing_ok=True)
+        shutil.rmtree(self.backup, ignore_errors=True)
+
+
+def prepare_checkpoints(folder, settings, fresh, evaluate):
+    """The two models' checkpoints in folder; `fresh` removes them, and a run that resumes them
+    must have been given the settings (a `model_settings` dict) they were made with."""
+    prepare_folder(folder, "--checkpoint-dir")
+    checkpoints = Checkpoints.in_folder(folder, "vqvae"), Checkpoints.in_folder(folder, "pixelcnn")
+    if evaluate:
+        return checkpoints
+    if fresh:
+        for checkpoint in checkpoints:
+            checkpoint.remove()
+        (folder / SETTINGS_FILE).unlink(missing_ok=True)
+    saved = saved_settings(folder)
+    if saved is not None:
+        changed = sorted(name for name in settings if saved.get(name) != settings[name])
+        if changed:
+            raise PipelineError(f"{folder} holds a run made with other settings "
+                                f"({', '.join(changed)}); pass --fresh to start over, or another "
+                                "--checkpoint-dir")
+    save_json(settings, folder / SETTINGS_FILE)
+    return checkpoints
+
+
+def load_finished(what, checkpoints):
+    """The finished model saved in checkpoints, its weights' fingerprint printed. A missing or
+    damaged file, or one saved by a version of this code whose layers differ, is a PipelineError
+    (Keras raises ValueError or TypeError)."""
+    path = checkpoints.keras_file
+    if not path.exists():
+        raise PipelineError(f"no saved {what} at {path}; train first (run without --evaluate), "
+                            "point --checkpoint-dir at a finished run, or in a cluster rerun "
+                            "every worker with --fresh")
+    try:
+        model = keras.models.load_model(path, safe_mode=True)
+    except (ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0].rstrip(":")
+        raise PipelineError(f"cannot load the {what} at {path} ({reason}): the file is damaged "
+                            "or was saved by another version of this code; retrain with "
+                            "--fresh (without --evaluate), or point --checkpoint-dir at "
+                            "another run") from error
+    print(f"{what} weights: sha256 {weights_fingerprint(model)}")
+    return model
+
+
+def weights_fingerprint(model):
+    """A hash of every weight's bytes: workers of a cluster train in sync, so theirs are equal."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution
+
+
+def describe_devices(strategy):
+    gpus = len(tf.config.list_logical_devices("GPU"))
+    devices = f"{gpus} GPU{'s' if gpus > 1 else ''}" if gpus else "the CPU (no GPU found)"
+    replicas = strategy.num_replicas_in_sync
+    return f"Running on {devices}" + (f", {replicas} replicas in sync" if replicas > 1 else "")
+
+
+def distribution_strategy(name, cpu_replicas):
+    """The tf.distribute strategy that --strategy names; --batch-size is the global batch."""
+    if name == "multiworker":
+        check_cluster_config()
+        return MultiWorkerStrategy()
+    if cpu_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
+        return tf.distribute.MirroredStrategy(
+            [device.name for device in tf.config.list_logical_devices("CPU")])
+    if name == "mirrored" or len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy whose reduce accepts what Keras 3 passes it in fit: a nested
+    batch (x, y), and scalar logs with axis=0, which fail on the stock strategy
+    (tensorflow/tensorflow#72388). A scalar is averaged over the replicas alone."""
+
+    def reduce(self, reduce_op, value, axis):
+        def reduce_one(per_replica):
+            scalar = self.experimental_local_results(per_replica)[0].shape.rank == 0
+            return super(MultiWorkerStrategy, self).reduce(reduce_op, per_replica,
+                                                           None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
+def check_cluster_config():
+    """Refuse a missing or malformed TF_CONFIG in one line, before TensorFlow reads it."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise PipelineError("--strategy multiworker needs the TF_CONFIG environment variable "
+                            "naming the workers and this one's index (README, \"GPUs and "
+                            "clusters\")")
+    try:
+        config = json.loads(text)
+        workers, index = config["cluster"]["worker"], config["task"]["index"]
+        if not 0 <= index < len(workers):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise PipelineError(f"TF_CONFIG {text!r} is not a cluster of workers with this task's "
+                            "index among them (README, \"GPUs and clusters\")") from None
+
+
+def worker_folder(strategy, checkpoint_dir):
+    """Where a worker other than the chief writes (None on the chief, which writes the results):
+    its own checkpoints, which it resumes from when restarted, and logs, inside --checkpoint-dir
+    so that every worker can run the same command, even sharing one machine."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or strategy.extended.should_checkpoint:
+        return None
+    return checkpoint_dir / f".{resolver.task_type}_{resolver.task_id}"
+
+
+def needs_training(checkpoints, strategy):
+    """Whether to train a model: the chief has no finished one. Every worker learns the chief's
+    answer, so that all of them train the same models and enter the same collective ops."""
+    chief_lacks = float(strategy.extended.should_checkpoint
+                        and not checkpoints.keras_file.exists())
+    per_replica = strategy.run(lambda: tf.constant(chief_lacks))
+    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0)
+
+
+def finish_worker(own_folder):
+    """A worker other than the chief stops once the models are trained: evaluation, sampling and
+    figures are the chief's alone, and use no collective op that this worker would have to join."""
+    shutil.rmtree(own_folder)
+    print(f"Worker finished training; the chief writes the results ({own_folder} removed)")
