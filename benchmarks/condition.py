@@ -11,16 +11,20 @@ hits both.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import driver  # noqa: E402  (driver first: it quiets TensorFlow's start-up)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+import data  # noqa: E402
 import pixelcnn  # noqa: E402
+from runs import PriorConfig, VQVAEConfig  # noqa: E402
 from training import matmul_gflops  # noqa: E402
 
 MAPS = 384  # one epoch: the demo's training split
@@ -35,11 +39,9 @@ def parse_args():
 
 
 def build_prior(condition, grid):
-    args = driver.parse_args([])
     keras.utils.set_random_seed(0)
-    prior = pixelcnn.build_pixelcnn(
-        args.K, args.pcnn_filters, args.pcnn_res_blocks, args.pcnn_layers, "gated",
-        args.pcnn_dilation_cycle, condition, driver.prior_positions(args, (grid, grid)))
+    config = PriorConfig(pcnn_type="gated", condition=condition)
+    prior = config.build(VQVAEConfig().K, (grid, grid))
     prior.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return prior
@@ -55,19 +57,19 @@ def main():
     args = parse_args()
     gflops = matmul_gflops()
     rng = np.random.default_rng(0)
-    num_embeddings = driver.build_parser().get_default("K")
+    num_embeddings = VQVAEConfig().K
     codes = rng.integers(0, num_embeddings, size=(MAPS, args.grid, args.grid)).astype("int32")
     heights = rng.uniform(size=MAPS).astype("float32")
     drawn_at = np.linspace(0.0, 1.0, args.batch, dtype="float32")
     runs = {}
     for condition in pixelcnn.CONDITIONS:
         prior = build_prior(condition, args.grid)
-        data = driver.code_dataset(codes, None if condition == "none" else heights, args.batch)
+        dataset = data.code_dataset(codes, None if condition == "none" else heights, args.batch)
         sampler = pixelcnn.code_sampler(prior, (args.grid, args.grid))
         at = None if condition == "none" else drawn_at
 
-        def train(prior=prior, data=data):
-            prior.fit(data, epochs=1, verbose=0)
+        def train(prior=prior, dataset=dataset):
+            prior.fit(dataset, epochs=1, verbose=0)
 
         def sample(sampler=sampler, at=at):
             sampler(args.batch, 1.0, 0, at).numpy()

@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import driver  # noqa: E402
+import data  # noqa: E402
 import training  # noqa: E402
 
 # Each timing repeats its call for at least this long after one traced warm-up call.
@@ -62,9 +62,9 @@ def functional_layers(model):
         yield layer.name, layer, keras.Model(model.inputs, layer.input)
 
 
-def profile_model(model_name, args, images):
+def profile_model(model_name, settings, images):
     """Per-layer seconds per batch and the whole training step's, for one model."""
-    model = training.compiled_vqvae(model_name, args, float(np.var(images)))
+    model = training.compiled_vqvae(model_name, settings, float(np.var(images)))
     training.reconstructor(model)(images[:1])  # builds the weights
     rows = []
     if model_name == "seed":
@@ -79,21 +79,21 @@ def profile_model(model_name, args, images):
         z_q = model.quantizer(z_e)
         for name, layer, feeds in functional_layers(model.decoder):
             rows.append((f"decoder/{name}", layer_seconds(layer, feeds(z_q))))
-    data = tf.data.Dataset.from_tensors(images).repeat()
-    model.fit(data, steps_per_epoch=1, verbose=0)  # traces the training step
+    batches = tf.data.Dataset.from_tensors(images).repeat()
+    model.fit(batches, steps_per_epoch=1, verbose=0)  # traces the training step
     stop = training.StopAfter(MIN_SECONDS * 5)
-    model.fit(data, steps_per_epoch=training.UNLIMITED, callbacks=[stop], verbose=0)
+    model.fit(batches, steps_per_epoch=training.UNLIMITED, callbacks=[stop], verbose=0)
     return rows, stop.elapsed / stop.steps
 
 
-def pipeline_seconds(args):
+def pipeline_seconds(given):
     """Seconds per batch of driver.py's training input pipeline on the demo slices, alone."""
-    splits = driver.load_splits(driver.DEMO_DATA, args.image_size, args.shift, args.batch_size,
-                                demo=True)
-    for _ in splits.shuffled_train(args.seed):  # fills the uint8 cache
+    splits = data.load_splits(data.DEMO_DATA, given.image_size, given.shift, given.batch_size,
+                              demo=True)
+    for _ in splits.shuffled_train(given.seed):  # fills the uint8 cache
         pass
     batches, start = 0, time.perf_counter()
-    for _ in splits.shuffled_train(args.seed):
+    for _ in splits.shuffled_train(given.seed):
         batches += 1
     return (time.perf_counter() - start) / batches
 
@@ -119,18 +119,19 @@ def main():
     keras.utils.set_random_seed(training.SEED)
     print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the start")
     for model_name in options.models:
-        args = training.model_settings("defaults", model_name)
-        shape = (args.batch_size, args.image_size, args.image_size, 1)
+        settings = training.model_settings("defaults", model_name)
+        given, vq = settings.data, settings.vqvae
+        shape = (given.batch_size, given.image_size, given.image_size, 1)
         images = np.random.default_rng(training.SEED).uniform(-0.5, 0.5, shape).astype("float32")
-        rows, step = profile_model(model_name, args, tf.constant(images))
-        print(f"\n{model_name}: K={args.K} D={args.D} downsample {args.downsample}, batch "
-              f"{args.batch_size} at {args.image_size}x{args.image_size}: "
-              f"{args.batch_size / step:.1f} images/s")
+        rows, step = profile_model(model_name, settings, tf.constant(images))
+        print(f"\n{model_name}: K={vq.K} D={vq.D} downsample {vq.downsample}, batch "
+              f"{given.batch_size} at {given.image_size}x{given.image_size}: "
+              f"{given.batch_size / step:.1f} images/s")
         print("\n".join(table(rows, step, options.markdown)))
-    args = training.model_settings("defaults", "ours")
-    pipeline = pipeline_seconds(args)
-    print(f"\ninput pipeline alone (driver.py's, demo slices at {args.image_size}): "
-          f"{1e3 * pipeline:.1f} ms / batch of {args.batch_size}")
+    given = training.model_settings("defaults", "ours").data
+    pipeline = pipeline_seconds(given)
+    print(f"\ninput pipeline alone (driver.py's, demo slices at {given.image_size}): "
+          f"{1e3 * pipeline:.1f} ms / batch of {given.batch_size}")
     print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the end")
 
 

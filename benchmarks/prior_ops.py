@@ -69,18 +69,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")
     options = parser.parse_args()
-    args = training.model_settings("defaults", "ours")
-    model, data = training.pixelcnn_job("ours", args, np.random.default_rng(training.SEED))
+    settings = training.model_settings("defaults", "ours")
+    model, batches = training.pixelcnn_job("ours", settings, np.random.default_rng(training.SEED))
     print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the start")
-    model.fit(data, steps_per_epoch=WARM_UP_STEPS, shuffle=False, verbose=0)
+    model.fit(batches, steps_per_epoch=WARM_UP_STEPS, shuffle=False, verbose=0)
     with tempfile.TemporaryDirectory() as logdir:
         space, seconds = recorded_space(
-            lambda: model.fit(data, steps_per_epoch=PROFILED_STEPS, shuffle=False, verbose=0),
+            lambda: model.fit(batches, steps_per_epoch=PROFILED_STEPS, shuffle=False, verbose=0),
             logdir)
-    grid = args.image_size // args.downsample
-    print(f"prior: {args.pcnn_type}, {args.pcnn_res_blocks} blocks of {args.pcnn_filters} "
-          f"filters, {grid}x{grid} maps, batch {args.batch_size}: "
-          f"{PROFILED_STEPS * args.batch_size / seconds:.1f} maps/s while profiled")
+    given, prior = settings.data, settings.prior
+    grid = given.image_size // settings.vqvae.downsample
+    print(f"prior: {prior.pcnn_type}, {prior.pcnn_res_blocks} blocks of {prior.pcnn_filters} "
+          f"filters, {grid}x{grid} maps, batch {given.batch_size}: "
+          f"{PROFILED_STEPS * given.batch_size / seconds:.1f} maps/s while profiled")
     print_op_table(*op_times(space), PROFILED_STEPS, "step", options.top)
 
 

@@ -16,13 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import driver  # noqa: E402  (driver first: it quiets TensorFlow's start-up)
-import evaluation  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+import data  # noqa: E402
+import evaluation  # noqa: E402
 import vqvae  # noqa: E402
 from training import matmul_gflops  # noqa: E402
 
@@ -32,8 +34,8 @@ TIMED_IMAGES = 256
 
 
 def demo_split(split, size):
-    splits = driver.load_splits(driver.DEMO_DATA, size, 0.5, 64, demo=True)
-    return splits.pixels(split)[..., 0] / np.float32(driver.PIXEL_MAX)
+    splits = data.load_splits(data.DEMO_DATA, size, 0.5, 64, demo=True)
+    return splits.pixels(split)[..., 0] / np.float32(data.PIXEL_MAX)
 
 
 def unigram_decoded(train, count, rng):
@@ -72,8 +74,8 @@ def control_rows(size):
 
 
 def timed_evaluation():
-    train = demo_split("train", driver.EXPECTED_SIZE)[:TIMED_IMAGES]
-    fake = evaluation.blurred(demo_split("train", driver.EXPECTED_SIZE)[-TIMED_IMAGES:])
+    train = demo_split("train", data.EXPECTED_SIZE)[:TIMED_IMAGES]
+    fake = evaluation.blurred(demo_split("train", data.EXPECTED_SIZE)[-TIMED_IMAGES:])
     start = time.perf_counter()
     evaluation.realism(evaluation.realism_summary(train), evaluation.realism_summary(fake), SEED)
     return time.perf_counter() - start
@@ -92,7 +94,7 @@ def main():
         for row in control_rows(size):
             print(row, flush=True)
     print(f"realism evaluation, {TIMED_IMAGES} vs {TIMED_IMAGES} images at "
-          f"{driver.EXPECTED_SIZE}x{driver.EXPECTED_SIZE}: {timed_evaluation():.1f} s "
+          f"{data.EXPECTED_SIZE}x{data.EXPECTED_SIZE}: {timed_evaluation():.1f} s "
           f"(matmul {matmul_gflops():.0f} GFLOP/s)")
 
 

@@ -20,32 +20,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-import driver  # noqa: E402
 import pixelcnn  # noqa: E402
+import runs  # noqa: E402
 from prior_ops import op_times, print_op_table, recorded_space  # noqa: E402
 from sampling import random_prior  # noqa: E402
 from training import matmul_gflops  # noqa: E402
 
+# driver.py's --num-samples default (driver.DEFAULT_SAMPLES).
+DRIVER_SAMPLES = 256
+
 
 def main():
-    defaults = driver.parse_args([])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--maps", type=int, default=defaults.num_samples,
+    parser.add_argument("--maps", type=int, default=DRIVER_SAMPLES,
                         help="code maps drawn at once (default: driver.py's --num-samples, "
                              "%(default)s)")
     parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")
     options = parser.parse_args()
-    grid = defaults.image_size // defaults.downsample
-    prior, description = random_prior(defaults.K, defaults.pcnn_filters,
-                                      defaults.pcnn_res_blocks, defaults.pcnn_dilation_cycle,
-                                      grid, seed=defaults.seed)
+    given, vq, config = runs.DataConfig(), runs.VQVAEConfig(), runs.PriorConfig()
+    grid = given.image_size // vq.downsample
+    prior, description = random_prior(vq.K, config.pcnn_filters, config.pcnn_res_blocks,
+                                      config.pcnn_dilation_cycle, grid, seed=given.seed)
     sampler = pixelcnn.code_sampler(prior, (grid, grid))
     heights = np.linspace(0.0, 1.0, options.maps, dtype="float32")
     print(f"matmul {matmul_gflops():.0f} GFLOP/s at the start")
-    sampler(options.maps, 1.0, defaults.seed + 1, heights)  # compiles
+    sampler(options.maps, 1.0, given.seed + 1, heights)  # compiles
     with tempfile.TemporaryDirectory() as logdir:
         space, seconds = recorded_space(
-            lambda: sampler(options.maps, 1.0, defaults.seed, heights).numpy(), logdir)
+            lambda: sampler(options.maps, 1.0, given.seed, heights).numpy(), logdir)
     codes = grid * grid
     print(f"prior: {description}, {options.maps} maps of {grid}x{grid}: {seconds:.1f} s "
           f"while profiled, {seconds / codes * 1000:.2f} ms per code")

@@ -21,10 +21,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import driver  # noqa: E402
 import pixelcnn  # noqa: E402
-import vqvae  # noqa: E402
-from training import matmul_gflops  # noqa: E402
+import runs  # noqa: E402
+from training import SETTINGS, matmul_gflops  # noqa: E402
+
+DEMO = SETTINGS["demo"]
 
 
 def parse_args():
@@ -39,9 +40,9 @@ def parse_args():
                              "--condition and --pcnn-positions "
                              "(default: off)")
     parser.add_argument("--batch", type=int, default=16, help="maps sampled at once (default: 16)")
-    parser.add_argument("--grid", type=int, default=driver.DEMO_DEFAULTS["image_size"]
-                        // vqvae.DOWNSAMPLING, help="code map height and width (default: demo's)")
-    parser.add_argument("--naive-codes", type=driver.positive_int,
+    parser.add_argument("--grid", type=int, default=DEMO.data.image_size // DEMO.vqvae.downsample,
+                        help="code map height and width (default: demo's)")
+    parser.add_argument("--naive-codes", type=runs.positive_int,
                         help="time the naive sampler on only the first this many codes of each "
                              "map and extrapolate to the whole map: it costs the same per code "
                              "(default: all codes)")
@@ -54,14 +55,12 @@ def random_prior(num_embeddings, filters, blocks, cycle, grid, seed):
     """(prior, description): a gated prior with random weights, driver.py's default output
     layers, condition and positions, on grid x grid code maps."""
     keras.utils.set_random_seed(seed)
-    defaults = driver.parse_args([])
-    condition = driver.DEFAULT_CONDITION  # the gated prior's
-    prior = pixelcnn.build_pixelcnn(
-        num_embeddings, filters, blocks, defaults.pcnn_layers, "gated", dilation_cycle=cycle,
-        condition=condition, positions=driver.prior_positions(defaults, (grid, grid)))
+    config = runs.PriorConfig(pcnn_type="gated", pcnn_filters=filters, pcnn_res_blocks=blocks,
+                              pcnn_dilation_cycle=cycle)
+    prior = config.build(num_embeddings, (grid, grid))
     return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
-                   f"dilation cycle {cycle}, condition {condition}, positions "
-                   f"{defaults.pcnn_positions}")
+                   f"dilation cycle {cycle}, condition {config.condition}, positions "
+                   f"{config.pcnn_positions}")
 
 
 def load_prior(args):

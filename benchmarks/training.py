@@ -23,6 +23,7 @@ measurement runs in its own subprocess, so the peak memory of one is not inherit
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,9 +41,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
-import driver  # noqa: E402
+import data  # noqa: E402
 import evaluation  # noqa: E402
-import pixelcnn  # noqa: E402
+import runs  # noqa: E402
 import vqvae  # noqa: E402
 
 SEED = 0
@@ -53,9 +54,35 @@ LOSS_QUANTIZER = "ours, loss quantizer"
 # themselves do in the same time.
 SEED_OUR_OPTIMISER = "seed, our optimiser"
 OPTIMISER_SETTINGS = ("batch_size", "learning_rate", "pcnn_learning_rate")
-# driver.py arguments of each setting; the seed takes SEED_DEFAULTS at 256x256 and the demo's
-# K, D, batch size and learning rates at the demo size, so that both models do the same task.
-SETTINGS = {"defaults": [], "demo": ["--demo"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The configs of runs.py that a driver.py run trains with, as driver.Settings holds them."""
+
+    data: runs.DataConfig
+    vqvae: runs.VQVAEConfig
+    prior: runs.PriorConfig
+
+    def replace(self, **changes):
+        """This setting with changed fields, each in the config that has it, as flags change it."""
+        configs = (self.data, self.vqvae, self.prior)
+        names = {field.name for config in configs for field in dataclasses.fields(config)}
+        if set(changes) - names:
+            raise ValueError(f"no config has the fields {sorted(set(changes) - names)}")
+        return Setting(*(dataclasses.replace(config, **{
+            field.name: changes[field.name] for field in dataclasses.fields(config)
+            if field.name in changes}) for config in configs))
+
+
+DEFAULTS = Setting(runs.DataConfig(), runs.VQVAEConfig(), runs.PriorConfig())
+# driver.py --demo's settings (driver.DEMO_DEFAULTS).
+DEMO_SETTINGS = dict(data=data.DEMO_DATA, image_size=64, downsample=vqvae.PAPER_DOWNSAMPLE,
+                     epochs=40, pcnn_epochs=40)
+# The settings of driver.py's runs compared; the seed takes SEED_DEFAULTS at 256x256 and the
+# demo's K, D, batch size and learning rates at the demo size, so that both models do the same
+# task.
+SETTINGS = {"defaults": DEFAULTS, "demo": DEFAULTS.replace(**DEMO_SETTINGS)}
 SEED_DEFAULTS = dict(image_size=256, downsample=4, K=512, D=2, beta=1.5, batch_size=32,
                      learning_rate=2e-4, pcnn_learning_rate=3e-4)
 # The keras.io PixelCNN: 128 filters, 2 residual blocks, 2 masked 1x1 layers, at any K.
@@ -221,26 +248,26 @@ def seed_pixelcnn(num_embeddings, grid_size):
 
 
 def model_settings(setting, model_name):
-    """driver.py's resolved flags for a setting, with the seed's defaults for the seed."""
-    args = driver.parse_args(SETTINGS[setting])
+    """The Setting named setting, with the seed's defaults for the seed."""
     if model_name == "seed" and setting == "defaults":
-        vars(args).update(SEED_DEFAULTS)
+        return SETTINGS[setting].replace(**SEED_DEFAULTS)
     if model_name == SEED_OUR_OPTIMISER:
-        vars(args).update({key: value for key, value in SEED_DEFAULTS.items()
-                           if key not in OPTIMISER_SETTINGS})
-    return args
+        return SETTINGS[setting].replace(**{key: value for key, value in SEED_DEFAULTS.items()
+                                            if key not in OPTIMISER_SETTINGS})
+    return SETTINGS[setting]
 
 
-def compiled_vqvae(model_name, args, variance):
+def compiled_vqvae(model_name, settings, variance):
+    given, vq = settings.data, settings.vqvae
     if model_name in ("seed", SEED_OUR_OPTIMISER):
-        model = SeedVQVAETrainer(variance, args.K, args.D, args.beta, args.image_size)
+        model = SeedVQVAETrainer(variance, vq.K, vq.D, vq.beta, given.image_size)
     else:
-        quantizer = "loss" if model_name == LOSS_QUANTIZER else args.quantizer
-        model = vqvae.VQVAE(args.K, args.D, beta=args.beta, data_variance=variance,
-                            pixel_range=(-args.shift, 1.0 - args.shift),
-                            downsampling=args.downsample, quantizer=quantizer,
-                            ema_decay=args.ema_decay, restart_threshold=args.restart_threshold)
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate))
+        quantizer = "loss" if model_name == LOSS_QUANTIZER else vq.quantizer
+        model = vqvae.VQVAE(vq.K, vq.D, beta=vq.beta, data_variance=variance,
+                            pixel_range=(-given.shift, 1.0 - given.shift),
+                            downsample=vq.downsample, quantizer=quantizer,
+                            ema_decay=vq.ema_decay, restart_threshold=vq.restart_threshold)
+    model.compile(optimizer=keras.optimizers.Adam(vq.learning_rate))
     return model
 
 
@@ -249,16 +276,15 @@ def reconstructor(model):
     return model.vqvae if isinstance(model, SeedVQVAETrainer) else model
 
 
-def compiled_prior(model_name, args):
-    grid = args.image_size // args.downsample
+def compiled_prior(model_name, settings):
+    """The seed's prior, or ours unconditional: the code maps are random, without heights."""
+    grid = settings.data.image_size // settings.vqvae.downsample
     if model_name == "seed":
-        prior = seed_pixelcnn(args.K, grid)
+        prior = seed_pixelcnn(settings.vqvae.K, grid)
     else:
-        prior = pixelcnn.build_pixelcnn(args.K, args.pcnn_filters, args.pcnn_res_blocks,
-                                        args.pcnn_layers, kind=args.pcnn_type,
-                                        dilation_cycle=args.pcnn_dilation_cycle,
-                                        positions=driver.prior_positions(args, (grid, grid)))
-    prior.compile(optimizer=keras.optimizers.Adam(args.pcnn_learning_rate),
+        prior = dataclasses.replace(settings.prior, condition="none").build(settings.vqvae.K,
+                                                                            (grid, grid))
+    prior.compile(optimizer=keras.optimizers.Adam(settings.prior.pcnn_learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return prior
 
@@ -266,20 +292,22 @@ def compiled_prior(model_name, args):
 def cycled(batches):
     """An endless dataset of pre-batched arrays (batches, B, ...), or tuples of them: no input
     pipeline cost."""
-    return driver.untuned(tf.data.Dataset.from_tensor_slices(batches)).repeat().prefetch(
-        driver.PREFETCHED_BATCHES)
+    return data.untuned(tf.data.Dataset.from_tensor_slices(batches)).repeat().prefetch(
+        data.PREFETCHED_BATCHES)
 
 
-def vqvae_job(model_name, args, rng):
-    shape = (DATA_BATCHES, args.batch_size, args.image_size, args.image_size, 1)
+def vqvae_job(model_name, settings, rng):
+    size = settings.data.image_size
+    shape = (DATA_BATCHES, settings.data.batch_size, size, size, 1)
     images = rng.uniform(-0.5, 0.5, shape).astype("float32")
-    return compiled_vqvae(model_name, args, float(images.var())), cycled(images)
+    return compiled_vqvae(model_name, settings, float(images.var())), cycled(images)
 
 
-def pixelcnn_job(model_name, args, rng):
-    grid = args.image_size // args.downsample
-    codes = rng.integers(0, args.K, (DATA_BATCHES, args.batch_size, grid, grid), dtype="int32")
-    return compiled_prior(model_name, args), cycled((codes, codes))
+def pixelcnn_job(model_name, settings, rng):
+    grid = settings.data.image_size // settings.vqvae.downsample
+    codes = rng.integers(0, settings.vqvae.K, (DATA_BATCHES, settings.data.batch_size, grid, grid),
+                         dtype="int32")
+    return compiled_prior(model_name, settings), cycled((codes, codes))
 
 
 THROUGHPUT_JOBS = {"vqvae": vqvae_job, "pixelcnn": pixelcnn_job}
@@ -309,13 +337,13 @@ class StopAfter(keras.callbacks.Callback):
 
 def throughput(kind, model_name, setting, seconds):
     """Training examples per second after a warm-up step, and the peak RSS growth in MiB."""
-    args = model_settings(setting, model_name)
+    settings = model_settings(setting, model_name)
     before = peak_rss_mib()
-    model, data = THROUGHPUT_JOBS[kind](model_name, args, np.random.default_rng(SEED))
-    model.fit(data, steps_per_epoch=1, shuffle=False, verbose=0)  # traces the training step
+    model, batches = THROUGHPUT_JOBS[kind](model_name, settings, np.random.default_rng(SEED))
+    model.fit(batches, steps_per_epoch=1, shuffle=False, verbose=0)  # traces the training step
     stop = StopAfter(seconds)
-    model.fit(data, steps_per_epoch=UNLIMITED, shuffle=False, callbacks=[stop], verbose=0)
-    return {"per_second": stop.steps * args.batch_size / stop.elapsed,
+    model.fit(batches, steps_per_epoch=UNLIMITED, shuffle=False, callbacks=[stop], verbose=0)
+    return {"per_second": stop.steps * settings.data.batch_size / stop.elapsed,
             "memory_mib": peak_rss_mib() - before}
 
 
@@ -353,12 +381,13 @@ class SSIMOverTime(StopAfter):
 def quality(model_name, setting, data_dir, budget_seconds):
     """Validation SSIM and PSNR of a VQ-VAE trained on data_dir for budget_seconds (tracing
     included), and its validation SSIM along the way."""
-    args = model_settings(setting, model_name)
-    splits = driver.load_splits(data_dir, args.image_size, args.shift, args.batch_size, demo=True)
-    model = compiled_vqvae(model_name, args, driver.pixel_variance(splits.train))
+    settings = model_settings(setting, model_name)
+    given = settings.data
+    splits = data.load_splits(data_dir, given.image_size, given.shift, given.batch_size, demo=True)
+    model = compiled_vqvae(model_name, settings, data.pixel_variance(splits.train))
     clock = SSIMOverTime(budget_seconds, budget_seconds / QUALITY_CHECKS,
-                         splits.scaled("validate"), args.shift)
-    model.fit(splits.shuffled_train(args.seed), epochs=UNLIMITED, shuffle=False,
+                         splits.scaled("validate"), given.shift)
+    model.fit(splits.shuffled_train(given.seed), epochs=UNLIMITED, shuffle=False,
               callbacks=[clock], verbose=0)
     metrics = clock.metrics()
     return {"ssim": metrics["test_ssim"], "psnr": metrics["test_psnr"], "steps": clock.steps,
@@ -460,27 +489,29 @@ def same_optimiser_lines(results, args):
     ours = results["quality", "defaults", "ours"]
     settings = model_settings("defaults", SEED_OUR_OPTIMISER)
     reached = seconds_to_reach(seed["curve"], ours["ssim"])
-    yield (f"the seed's VQ-VAE with our optimiser (batch {settings.batch_size}, Adam "
-           f"{settings.learning_rate:g}), 256x256 defaults: validation SSIM {seed['ssim']:.3f} "
-           f"after {args.budget_seconds:g} s against ours {ours['ssim']:.3f}; ours' final SSIM "
-           f"{reached_words(reached)}")
+    yield (f"the seed's VQ-VAE with our optimiser (batch {settings.data.batch_size}, Adam "
+           f"{settings.vqvae.learning_rate:g}), 256x256 defaults: validation SSIM "
+           f"{seed['ssim']:.3f} after {args.budget_seconds:g} s against ours {ours['ssim']:.3f}; "
+           f"ours' final SSIM {reached_words(reached)}")
 
 
 def full_run_hours(results, model_name):
     """Hours of training of a full default run on OASIS_SLICES slices at the measured speeds."""
-    args = model_settings("defaults", model_name)
-    seconds = OASIS_SLICES * (args.epochs / results["vqvae", "defaults", model_name]["per_second"]
-                              + args.pcnn_epochs
+    settings = model_settings("defaults", model_name)
+    seconds = OASIS_SLICES * (settings.vqvae.epochs
+                              / results["vqvae", "defaults", model_name]["per_second"]
+                              + settings.prior.pcnn_epochs
                               / results["pixelcnn", "defaults", model_name]["per_second"])
     return seconds / SECONDS_PER_HOUR
 
 
 def projection_lines(results):
     for model_name in MODELS:
-        args = model_settings("defaults", model_name)
+        settings = model_settings("defaults", model_name)
         yield (f"projected full default run on {OASIS_SLICES:,} slices, {model_name}: "
-               f"{full_run_hours(results, model_name):.1f} h ({args.epochs} VQ-VAE epochs + "
-               f"{args.pcnn_epochs} prior epochs at the measured 256x256 speeds)")
+               f"{full_run_hours(results, model_name):.1f} h ({settings.vqvae.epochs} VQ-VAE "
+               f"epochs + {settings.prior.pcnn_epochs} prior epochs at the measured 256x256 "
+               "speeds)")
 
 
 def targets(results, args):
@@ -530,7 +561,7 @@ def quantizer_lines(results):
 
 
 def setting_label(setting):
-    size = model_settings(setting, "ours").image_size
+    size = model_settings(setting, "ours").data.image_size
     return f"{size}x{size} {setting}"
 
 
@@ -571,30 +602,31 @@ def settings_lines():
     lines = []
     for setting in SETTINGS:
         seed, ours = (model_settings(setting, m) for m in MODELS)
+        prior = ours.prior
         lines.append(
-            f"{setting_label(setting)}: seed K={seed.K} D={seed.D} batch {seed.batch_size}, "
-            f"keras.io PixelCNN ({SEED_PIXELCNN_FILTERS} filters, {SEED_PIXELCNN_BLOCKS} "
-            f"residual blocks); ours K={ours.K} D={ours.D} batch {ours.batch_size}, "
-            f"{ours.pcnn_type} PixelCNN ({ours.pcnn_filters} filters, {ours.pcnn_res_blocks} "
-            f"blocks, {ours.pcnn_layers} output layers)"
+            f"{setting_label(setting)}: seed K={seed.vqvae.K} D={seed.vqvae.D} batch "
+            f"{seed.data.batch_size}, keras.io PixelCNN ({SEED_PIXELCNN_FILTERS} filters, "
+            f"{SEED_PIXELCNN_BLOCKS} residual blocks); ours K={ours.vqvae.K} D={ours.vqvae.D} "
+            f"batch {ours.data.batch_size}, {prior.pcnn_type} PixelCNN ({prior.pcnn_filters} "
+            f"filters, {prior.pcnn_res_blocks} blocks, {prior.pcnn_layers} output layers)"
         )
     return lines
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timed-seconds", type=driver.positive_float, default=20.0,
+    parser.add_argument("--timed-seconds", type=runs.positive_float, default=20.0,
                         help="each throughput measurement trains at least this long, and at "
                              "least one step, after its warm-up step (default: %(default)s)")
-    parser.add_argument("--budget-seconds", type=driver.positive_float, default=240.0,
+    parser.add_argument("--budget-seconds", type=runs.positive_float, default=240.0,
                         help="wall-clock training budget of each quality run at 256x256 "
                              "(default: %(default)s)")
-    parser.add_argument("--demo-budget-seconds", type=driver.positive_float, default=120.0,
+    parser.add_argument("--demo-budget-seconds", type=runs.positive_float, default=120.0,
                         help="wall-clock training budget of each quality run at the demo "
                              "settings (default: %(default)s)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS,
                         help="which measurements to run (default: all)")
-    parser.add_argument("--data", type=Path, default=driver.DEMO_DATA,
+    parser.add_argument("--data", type=Path, default=data.DEMO_DATA,
                         help="folder of keras_png_slices_{train,validate,test} for the quality "
                              "runs (default: the bundled demo_data)")
     parser.add_argument("--quick", action="store_true",
@@ -614,7 +646,7 @@ def main():
     if args.measure:
         print(json.dumps(measure(json.loads(args.measure))))
         return
-    train_folder = args.data / driver.SPLIT_FOLDERS["train"]
+    train_folder = args.data / data.SPLIT_FOLDERS["train"]
     if not train_folder.is_dir():
         sys.exit(f"training.py: error: no {train_folder} for the quality runs; create the demo "
                  "data (demo_data/make_demo_data.py) or pass --data")
