@@ -2,17 +2,15 @@
 and real images it must pass (positive controls), on the bundled demo slices and on synthetic
 brains the test builds; and the anatomy statistics on shapes with known answers."""
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import evaluation
 import vqvae
 
-DEMO_DATA = Path(__file__).resolve().parent.parent / "demo_data"
 SIZE = 64  # the demo's image size
 # What "different" and "same" mean, as the README states them.
 DIFFERENT_ACCURACY = 0.85
@@ -23,7 +21,7 @@ SMALL_DISTANCE = 0.5  # every statistic within this many
 
 def demo_images(split):
     """The demo slices of a split at SIZE x SIZE, in [0, 1]: (N, SIZE, SIZE)."""
-    files = sorted((DEMO_DATA / f"keras_png_slices_{split}").glob("*.png"))
+    files = sorted((data.DEMO_DATA / f"keras_png_slices_{split}").glob("*.png"))
     return np.stack([np.asarray(Image.open(f).resize((SIZE, SIZE), Image.BILINEAR), "float32")
                      for f in files]) / 255
 
@@ -57,7 +55,8 @@ def unigram_decoded(train, count, rng):
 
 @pytest.fixture(scope="module")
 def sources():
-    """{name: (real reference images, a second real set of the same kind, training images)}"""
+    """{name: (real reference images, training images)}: two real sets of one kind; the
+    positive controls split the second in halves, the unigram control trains on it."""
     rng = np.random.default_rng(0)
     train = demo_images("train")
     synthetic = synthetic_brains(256, rng)
