@@ -54,6 +54,38 @@ def tiny_data(tmp_path):
     return write_split_folders(tmp_path / "data")
 
 
+def smooth_blobs(count, size, seed=0, width=0.03):
+    """Gaussian blobs at random centres, in [0, 1]: (count, size, size, 1) float32. Smooth
+    structure an autoencoder can learn and SSIM can score, unlike white noise."""
+    rows, cols = np.mgrid[:size, :size] / size
+    centres = np.random.default_rng(seed).uniform(0.3, 0.7, size=(count, 2))
+    squared_distances = (rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2
+    return np.exp(-squared_distances / width)[..., None].astype("float32")
+
+
+def fixed_logits_prior(logits):
+    """A 'prior' whose logits are the same at every position, whatever the codes."""
+    import keras
+
+    codes = keras.Input(shape=(None, None), dtype="int32")
+    silent = keras.layers.Embedding(len(logits), 1, embeddings_initializer="zeros")(codes)
+    out = keras.layers.Conv2D(len(logits), 1, kernel_initializer="zeros",
+                              bias_initializer=keras.initializers.Constant(logits))(silent)
+    return keras.Model(codes, out)
+
+
+def assert_round_trip(model, inputs, tmp_path):
+    """Saves the model as a .keras file and loads it in safe mode; the loaded model must compute
+    what the model computes on inputs, bit for bit. Returns it for checks of its own."""
+    import keras
+
+    expected = keras.ops.convert_to_numpy(model(inputs))  # (which also builds the model)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(inputs)), expected)
+    return loaded
+
+
 def flattened(metrics, prefix=""):
     """Nested metrics as one level: {"a": {"b": 1}} -> {"a.b": 1}."""
     flat = {}

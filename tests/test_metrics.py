@@ -1,21 +1,16 @@
 """Each evaluation metric on cases with known answers (the realism test: test_realism.py)."""
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 import evaluation
+from conftest import fixed_logits_prior, smooth_blobs
 
-
-def smooth_images(count, size=32, seed=0):
-    rows, cols = np.mgrid[:size, :size] / size
-    centres = np.random.default_rng(seed).uniform(0.3, 0.7, size=(count, 2))
-    blobs = np.exp(-((rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2) / 0.03)
-    return blobs[..., None].astype("float32")
+SIZE = 32
 
 
 def test_identical_images_give_ssim_one_and_finite_psnr():
-    images = tf.constant(smooth_images(3))
+    images = tf.constant(smooth_blobs(3, SIZE))
     np.testing.assert_allclose(evaluation.ssim(images, images).numpy(), 1.0, atol=1e-6)
     psnr = evaluation.psnr(images, images).numpy()
     assert np.isfinite(psnr).all() and (psnr >= 99).all()
@@ -55,23 +50,15 @@ def test_brain_code_positions_are_the_patches_with_brain():
     assert evaluation.brain_codebook_perplexity(codes, images, 4) == 1.0  # one code in the brain
 
 
-def constant_logits_prior(logits):
-    codes = keras.Input(shape=(None, None), dtype="int32")
-    silent = keras.layers.Embedding(len(logits), 1, embeddings_initializer="zeros")(codes)
-    out = keras.layers.Conv2D(len(logits), 1, kernel_initializer="zeros",
-                              bias_initializer=keras.initializers.Constant(logits))(silent)
-    return keras.Model(codes, out)
-
-
 def test_prior_nll_with_fixed_logits():
     logits = np.log(np.array([0.5, 0.25, 0.125, 0.125]))
-    prior = constant_logits_prior(logits)
+    prior = fixed_logits_prior(logits)
     codes = np.array([[[0, 1], [2, 3]]] * 3, "int32")  # -log2 p: 1, 2, 3, 3 bits
     np.testing.assert_allclose(evaluation.prior_nll_bits(prior, codes, batch_size=2), 9 / 4, rtol=1e-5)
 
 
 def test_nearest_neighbour_ssim_finds_the_copy():
-    pixels = np.round(smooth_images(40, seed=1) * 255).astype(np.uint8)
+    pixels = np.round(smooth_blobs(40, SIZE, seed=1) * 255).astype(np.uint8)
     samples = pixels[[2, 31]] / np.float32(255)
     np.testing.assert_allclose(evaluation.nearest_neighbour_ssim(samples, pixels), 1.0, atol=1e-5)
     # without the copies, the nearest image is another one
@@ -80,7 +67,7 @@ def test_nearest_neighbour_ssim_finds_the_copy():
 
 
 def test_pairwise_ssim():
-    images = smooth_images(1)
+    images = smooth_blobs(1, SIZE)
     copies = np.repeat(images, 4, axis=0)
     np.testing.assert_allclose(evaluation.pairwise_ssim(copies, seed=0), 1.0, atol=1e-5)
-    assert evaluation.pairwise_ssim(smooth_images(4, seed=2), seed=0) < 0.99
+    assert evaluation.pairwise_ssim(smooth_blobs(4, SIZE, seed=2), seed=0) < 0.99

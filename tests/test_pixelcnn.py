@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import pixelcnn
+from conftest import assert_round_trip, fixed_logits_prior
 
 KINDS = pixelcnn.KINDS
 K = 6
@@ -208,15 +209,6 @@ def test_sampler_is_reproducible_and_seeded():
     assert sampler(2, 0.5, 3).shape == (2, *GRID)
 
 
-def fixed_logits_prior(logits):
-    """A 'prior' whose logits are the same at every position, whatever the codes."""
-    codes = keras.Input(shape=(None, None), dtype="int32")
-    silent = keras.layers.Embedding(len(logits), 1, embeddings_initializer="zeros")(codes)
-    out = keras.layers.Conv2D(len(logits), 1, kernel_initializer="zeros",
-                              bias_initializer=keras.initializers.Constant(logits))(silent)
-    return keras.Model(codes, out)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_draw_frequencies_match_the_softmax(temperature):
     logits = np.array([2.0, 1.0, 0.0, -1.0, 0.5], "float32")
@@ -231,9 +223,7 @@ def test_draw_frequencies_match_the_softmax(temperature):
 def test_save_load_round_trip(kind, dilation_cycle, tmp_path):
     prior = random_prior(kind, dilation_cycle=dilation_cycle)
     codes = np.random.default_rng(3).integers(0, K, size=(2, *GRID))
-    prior.save(tmp_path / "prior.keras")
-    loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
-    np.testing.assert_array_equal(prior(codes).numpy(), loaded(codes).numpy())
+    assert_round_trip(prior, codes, tmp_path)
 
 
 def test_receptive_field_refuses_a_layer_it_cannot_measure():
@@ -389,11 +379,7 @@ def test_sampler_refuses_missing_or_unexpected_heights():
 def test_conditional_save_load_round_trip(tmp_path):
     prior = random_prior("gated", dilation_cycle=2, condition="slice")
     codes = np.random.default_rng(3).integers(0, K, size=(len(HEIGHTS), *GRID))
-    prior.save(tmp_path / "prior.keras")
-    loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
-    np.testing.assert_array_equal(prior([codes, HEIGHTS]).numpy(),
-                                  loaded([codes, HEIGHTS]).numpy())
-    assert pixelcnn.is_conditional(loaded)
+    assert pixelcnn.is_conditional(assert_round_trip(prior, [codes, HEIGHTS], tmp_path))
 
 
 def test_build_refuses_an_unknown_or_plain_condition():
@@ -451,10 +437,7 @@ def test_fast_sampler_draws_what_the_naive_loop_draws_with_positions(condition):
 def test_positioned_save_load_round_trip(tmp_path):
     prior = positioned_prior(condition="slice")
     codes = np.random.default_rng(3).integers(0, K, size=(len(HEIGHTS), *GRID))
-    prior.save(tmp_path / "prior.keras")
-    loaded = keras.models.load_model(tmp_path / "prior.keras", safe_mode=True)
-    np.testing.assert_array_equal(prior([codes, HEIGHTS]).numpy(),
-                                  loaded([codes, HEIGHTS]).numpy())
+    assert_round_trip(prior, [codes, HEIGHTS], tmp_path)
 
 
 def test_a_positioned_prior_refuses_another_grid():

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import vqvae
-from conftest import PIXEL_RANGE
+from conftest import PIXEL_RANGE, assert_round_trip, smooth_blobs
 
 
 def built_quantizer(num_embeddings=7, embedding_dim=3, beta=0.25, seed=0):
@@ -125,11 +125,7 @@ def test_an_untrained_decoder_draws_the_black_background():
 
 def test_training_reduces_loss():
     keras.utils.set_random_seed(0)
-    # smooth blobs: structure an autoencoder can learn, unlike white noise
-    rows, cols = np.mgrid[:16, :16] / 16
-    centres = np.random.default_rng(0).uniform(0.3, 0.7, size=(8, 2))
-    images = np.exp(-((rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2) / 0.05)
-    images = (images[..., None] - 0.5).astype("float32")
+    images = smooth_blobs(8, 16, width=0.05) - 0.5
     model = vqvae.VQVAE(16, 4, pixel_range=PIXEL_RANGE, beta=0.25,
                         data_variance=float(images.var()))
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
@@ -142,10 +138,7 @@ def test_save_load_round_trip(tmp_path):
     model = vqvae.VQVAE(8, 3, beta=0.7, data_variance=0.05, pixel_range=(-0.25, 0.75),
                         downsample=8)
     images = np.random.default_rng(0).uniform(-0.5, 0.5, size=(2, 16, 16, 1)).astype("float32")
-    model(images)
-    model.save(tmp_path / "vqvae.keras")
-    loaded = keras.models.load_model(tmp_path / "vqvae.keras", safe_mode=True)
-    np.testing.assert_array_equal(model(images).numpy(), loaded(images).numpy())
+    loaded = assert_round_trip(model, images, tmp_path)
     np.testing.assert_array_equal(model.encode_to_indices(images), loaded.encode_to_indices(images))
     assert (loaded.beta, loaded.data_variance, loaded.pixel_range, loaded.downsample) == (
         0.7, 0.05, (-0.25, 0.75), 8)
@@ -385,10 +378,8 @@ def test_ema_vqvae_save_load_round_trip_keeps_the_codebook_state(tmp_path):
     model.fit(images, epochs=1, batch_size=2, verbose=0)
     state = quantizer_state(model.quantizer)
     assert state["updates"] == 4 and state["restarts"] > 0 and state["ema_counts"].any()
-    model.save(tmp_path / "vqvae.keras")
-    loaded = keras.models.load_model(tmp_path / "vqvae.keras", safe_mode=True)
+    loaded = assert_round_trip(model, images, tmp_path)
     assert isinstance(loaded.quantizer, vqvae.EMAVectorQuantizer)
     assert (loaded.quantizer.decay, loaded.quantizer.restart_threshold) == (0.8, 0.5)
     for name, value in quantizer_state(loaded.quantizer).items():
         np.testing.assert_array_equal(value, state[name], err_msg=name)
-    np.testing.assert_array_equal(model(images).numpy(), loaded(images).numpy())
