@@ -290,8 +290,8 @@ class AddCondition(layers.Layer):
 
     rows_above, columns_left, columns_right = 0, 0, 0
 
-    def call(self, x, condition):
-        return x + ops.cast(condition, x.dtype)[:, None, None, :]
+    def call(self, x, projected_height):
+        return x + ops.cast(projected_height, x.dtype)[:, None, None, :]
 
 
 def block_dilations(residual_blocks, dilation_cycle):
@@ -327,16 +327,16 @@ def gated_layers(residual_blocks, dilation_cycle):
     ]
 
 
-def conditioned(x, condition, name):
-    """x + V^T h before a gate (eq. 4 of the paper), or x itself when the prior is not
-    conditional (condition None)."""
-    if condition is None:
+def conditioned(x, height, name):
+    """x + V^T h before a gate (eq. 4 of the paper), h the embedded height, or x itself when the
+    prior is not conditional (height None)."""
+    if height is None:
         return x
-    projected = layers.Dense(x.shape[-1], name=f"{name}_condition")(condition)
+    projected = layers.Dense(x.shape[-1], name=f"{name}_condition")(height)
     return AddCondition(name=f"{name}_conditioned")(x, projected)
 
 
-def condition_input(filters, conditional, name):
+def height_input(filters, conditional, name):
     """The embedded heights (B, filters) a conditional stack takes as its last input, or None."""
     return keras.Input(shape=(filters,), name=name) if conditional else None
 
@@ -349,7 +349,7 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
     A model of its own, so that the sampler can walk its layers one row at a time.
     """
     embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
-    condition = condition_input(filters, conditional, "vertical_condition_input")
+    height = height_input(filters, conditional, "vertical_condition_input")
     vertical, links = embedded, []
     for layer, (kernel, dilation) in enumerate(gated_layers(residual_blocks, dilation_cycle)):
         name = f"gated{layer}"
@@ -358,8 +358,8 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
         links.append(layers.Conv2D(2 * filters, 1, name=f"{name}_v_to_h")(shifted))
         if layer < residual_blocks:  # the last layer's vertical output would feed nothing
             vertical = GatedActivation(name=f"{name}_vertical_gate")(
-                conditioned(pre, condition, f"{name}_vertical"))
-    inputs = [embedded] if condition is None else [embedded, condition]
+                conditioned(pre, height, f"{name}_vertical"))
+    inputs = [embedded] if height is None else [embedded, height]
     return keras.Model(inputs, links, name="vertical_stack")
 
 
@@ -377,7 +377,7 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
     embedded = keras.Input(shape=(None, None, filters), name="horizontal_input")
     links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
              for layer in range(residual_blocks + 1)]
-    condition = condition_input(filters, conditional, "horizontal_condition_input")
+    height = height_input(filters, conditional, "horizontal_condition_input")
     horizontal, skips = embedded, []
     for layer, ((kernel, dilation), link) in enumerate(
         zip(gated_layers(residual_blocks, dilation_cycle), links)
@@ -387,7 +387,7 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
             2 * filters, (1, kernel), "B" if layer else "A", dilation, name=f"{name}_horizontal"
         )(horizontal)
         gated = GatedActivation(name=f"{name}_horizontal_gate")(conditioned(
-            layers.Add(name=f"{name}_link")([pre, link]), condition, f"{name}_horizontal"))
+            layers.Add(name=f"{name}_link")([pre, link]), height, f"{name}_horizontal"))
         skips.append(layers.Conv2D(filters, 1, name=f"{name}_skip")(gated))
         if layer < residual_blocks:
             residual = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
@@ -395,7 +395,7 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
             horizontal = layers.Add(name=f"{name}_add")([horizontal, residual]) if layer else residual
     x = layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
     logits = output_head(x, num_embeddings, filters, output_layers)
-    inputs = [embedded, *links] + ([] if condition is None else [condition])
+    inputs = [embedded, *links] + ([] if height is None else [height])
     return keras.Model(inputs, logits, name="horizontal_stack")
 
 
@@ -451,16 +451,17 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         embedded = PositionEmbedding(positions, name="position_embedding")(embedded)
     if condition == "slice":
         heights = keras.Input(shape=(), name="heights")
-        conditions = [HeightEmbedding(filters, HEIGHT_KNOTS, name="height_embedding")(heights)]
+        embedded_heights = [HeightEmbedding(filters, HEIGHT_KNOTS,
+                                            name="height_embedding")(heights)]
     else:
-        heights, conditions = None, []
+        heights, embedded_heights = None, []
     conditional = heights is not None
     if kind == "gated":
         vertical = vertical_stack(filters, residual_blocks, dilation_cycle, conditional)
-        links = keras.tree.flatten(vertical([embedded, *conditions]))
+        links = keras.tree.flatten(vertical([embedded, *embedded_heights]))
         logits = horizontal_stack(
             num_embeddings, filters, residual_blocks, output_layers, dilation_cycle, conditional
-        )([embedded, *links, *conditions])
+        )([embedded, *links, *embedded_heights])
     else:
         logits = output_head(
             plain_stack(embedded, filters, residual_blocks, dilation_cycle), num_embeddings,
