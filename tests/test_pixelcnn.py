@@ -292,7 +292,7 @@ def test_layer_graph_refuses_what_it_cannot_read(monkeypatch):
     shared = keras.layers.Dense(4, name="shared")
     called_twice = keras.Model(x, shared(shared(x)))
     h = keras.Input(shape=(4,))
-    by_keyword = keras.Model([x, h], pixelcnn.AddCondition()(x, condition=h))
+    by_keyword = keras.Model([x, h], pixelcnn.AddCondition()(x, projected_height=h))
     for model, problem in [(changed, "args list"), (sequential, "not a functional model"),
                            (called_twice, "called exactly once"), (by_keyword, "by keyword")]:
         with pytest.raises(ValueError, match=f"layer_graph: .*{problem}"):
