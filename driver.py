@@ -70,12 +70,8 @@ FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
 HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
 IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
-# Enough samples for a decisive two-sample test against OASIS's 544 test slices.
-DEFAULT_SAMPLES = 256
-# --demo: small enough to finish on a 2-core CPU in minutes; a 64x64 image at the paper's
-# downsampling keeps the seed's 16x16 code grid.
-DEMO_DEFAULTS = dict(data=data.DEMO_DATA, image_size=64, downsample=vqvae.PAPER_DOWNSAMPLE,
-                     epochs=40, pcnn_epochs=40)
+# --demo's folder for its figures, beside its other settings (data.DEMO_DEFAULTS).
+DEMO_OUT = Path("resources/demo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +99,8 @@ def build_parser():
         prog="driver.py",
         description="Train a VQ-VAE and a PixelCNN prior on brain MRI slices and sample brains.",
     )
-    demo = ", ".join(f"--{name.replace('_', '-')} {value}" if name != "data"
-                     else f"--data {value.name}/" for name, value in DEMO_DEFAULTS.items())
+    demo = ", ".join(f"--{name.replace('_', '-')} {runs.portable(value)}"
+                     for name, value in demo_defaults().items())
     group = parser.add_argument_group("data and training (both models)")
     runs.add_flags(group, DataConfig)
     group.add_argument("--demo", action="store_true",
@@ -114,7 +110,7 @@ def build_parser():
     runs.add_flags(parser.add_argument_group("PixelCNN prior"), PriorConfig)
 
     group = parser.add_argument_group("sampling")
-    group.add_argument("--num-samples", type=runs.positive_int, default=DEFAULT_SAMPLES,
+    group.add_argument("--num-samples", type=runs.positive_int, default=runs.DEFAULT_SAMPLES,
                        help="code maps to sample, decode and save as PNGs; the realism test "
                             f"needs at least {evaluation.MIN_IMAGES_PER_SET} "
                             "(default: %(default)s)")
@@ -144,11 +140,12 @@ def build_parser():
                             "scaling); for GPUs: it slows CPUs down (default: %(default)s)")
 
     group = parser.add_argument_group("output and run control")
-    group.add_argument("--out", type=Path, default=Path("resources"),
-                       help="folder for figures and metrics.json (default: %(default)s)")
-    group.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
-                       help="folder for trained models and resumable state "
+    group.add_argument("--out", type=Path, default=Path("resources/oasis"),
+                       help="folder for the samples, figures and metrics.json "
                             "(default: %(default)s)")
+    group.add_argument("--checkpoint-dir", type=Path,
+                       help="folder for trained models and resumable state, one per run "
+                            "(default: checkpoints/ in --out)")
     group.add_argument("--evaluate", action="store_true",
                        help="skip training: load the models in --checkpoint-dir and recompute "
                             "metrics and figures")
@@ -157,12 +154,16 @@ def build_parser():
     return parser
 
 
+def demo_defaults():
+    return data.DEMO_DEFAULTS | {"out": DEMO_OUT}
+
+
 def parse_args(argv=None):
     """The run's Settings from the command line; impossible combinations are refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+        parser.set_defaults(**demo_defaults())
         args = parser.parse_args(argv)
     settings = Settings.from_flags(args)
     for flag, problem in refusals(settings):

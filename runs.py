@@ -28,6 +28,7 @@ from PIL import Image
 import pixelcnn
 import vqvae
 
+REPOSITORY = Path(__file__).resolve().parent
 PIXEL_MAX = 255.0
 SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
@@ -176,6 +177,8 @@ class PriorConfig:
             positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None)
 
 
+# Enough samples for a decisive two-sample test against OASIS's 544 test slices.
+DEFAULT_SAMPLES = 256
 # Settings' fields that hold the configs of the models, whose fields settings.json keeps.
 MODEL_CONFIGS = ("data", "vqvae", "prior")
 
@@ -199,14 +202,23 @@ def from_flags(config_class, flags):
                             for field in dataclasses.fields(config_class)})
 
 
+def portable(value):
+    """A setting as settings files keep it: a path as text, relative to the repository when it
+    is inside it, so that a moved clone still resumes its runs."""
+    if not isinstance(value, Path):
+        return value
+    resolved = value.resolve()
+    return str(resolved.relative_to(REPOSITORY) if resolved.is_relative_to(REPOSITORY)
+               else resolved)
+
+
 def model_settings(*configs):
     """What a checkpoint was made with, as settings.json holds it: one flat dict of the configs'
-    fields, paths as text."""
+    fields."""
     settings = {}
     for config in configs:
         settings |= dataclasses.asdict(config)
-    return {name: str(value) if isinstance(value, Path) else value
-            for name, value in settings.items()}
+    return {name: portable(value) for name, value in settings.items()}
 
 
 def saved_settings(folder):
@@ -240,6 +252,7 @@ class Settings:
         """The settings of parsed flags (an argparse namespace)."""
         options = {field.name: getattr(flags, field.name) for field in dataclasses.fields(cls)
                    if field.name not in MODEL_CONFIGS}
+        options["checkpoint_dir"] = options["checkpoint_dir"] or options["out"] / "checkpoints"
         return cls(data=from_flags(DataConfig, flags), vqvae=from_flags(VQVAEConfig, flags),
                    prior=from_flags(PriorConfig, flags), **options)
 
@@ -247,9 +260,7 @@ class Settings:
         """Every setting in one dict of flag names, paths as text (run_settings.json)."""
         options = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
                    if field.name not in MODEL_CONFIGS}
-        return self.model_settings() | {
-            name: str(value) if isinstance(value, Path) else value
-            for name, value in options.items()}
+        return self.model_settings() | {name: portable(value) for name, value in options.items()}
 
     def model_settings(self):
         """What the checkpoints are made with (settings.json)."""

@@ -26,13 +26,11 @@ from prior_ops import op_times, print_op_table, recorded_space  # noqa: E402
 from sampling import random_prior  # noqa: E402
 from training import matmul_gflops  # noqa: E402
 
-# driver.py's --num-samples default (driver.DEFAULT_SAMPLES).
-DRIVER_SAMPLES = 256
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--maps", type=int, default=DRIVER_SAMPLES,
+    parser.add_argument("--maps", type=int, default=runs.DEFAULT_SAMPLES,
                         help="code maps drawn at once (default: driver.py's --num-samples, "
                              "%(default)s)")
     parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")

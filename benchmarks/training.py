@@ -76,13 +76,10 @@ class Setting:
 
 
 DEFAULTS = Setting(runs.DataConfig(), runs.VQVAEConfig(), runs.PriorConfig())
-# driver.py --demo's settings (driver.DEMO_DEFAULTS).
-DEMO_SETTINGS = dict(data=data.DEMO_DATA, image_size=64, downsample=vqvae.PAPER_DOWNSAMPLE,
-                     epochs=40, pcnn_epochs=40)
 # The settings of driver.py's runs compared; the seed takes SEED_DEFAULTS at 256x256 and the
 # demo's K, D, batch size and learning rates at the demo size, so that both models do the same
 # task.
-SETTINGS = {"defaults": DEFAULTS, "demo": DEFAULTS.replace(**DEMO_SETTINGS)}
+SETTINGS = {"defaults": DEFAULTS, "demo": DEFAULTS.replace(**data.DEMO_DEFAULTS)}
 SEED_DEFAULTS = dict(image_size=256, downsample=4, K=512, D=2, beta=1.5, batch_size=32,
                      learning_rate=2e-4, pcnn_learning_rate=3e-4)
 # The keras.io PixelCNN: 128 filters, 2 residual blocks, 2 masked 1x1 layers, at any K.

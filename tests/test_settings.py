@@ -1,0 +1,75 @@
+"""The settings' one home (runs.py's configs), where each run's files go, and settings files that
+survive moving the clone."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import driver
+import runs
+
+
+def test_every_flag_is_a_setting_and_every_setting_a_flag():
+    flags = {action.dest for action in driver.build_parser()._actions if action.dest != "help"}
+    config_fields = {field.name for config in (runs.DataConfig, runs.VQVAEConfig,
+                                               runs.PriorConfig)
+                     for field in dataclasses.fields(config)}
+    options = {field.name for field in dataclasses.fields(runs.Settings)} - set(
+        runs.MODEL_CONFIGS)
+    assert flags == config_fields | options
+    assert not config_fields & options
+
+
+def test_flag_defaults_are_the_configs_defaults():
+    settings = driver.parse_args([])
+    assert settings.data == runs.DataConfig()
+    assert settings.vqvae == runs.VQVAEConfig()
+    assert settings.prior == runs.PriorConfig()
+
+
+def test_demo_resolves_to_its_defaults_and_explicit_flags_win():
+    demo = driver.parse_args(["--demo"]).flat()
+    expected = {name: runs.portable(value) for name, value in driver.demo_defaults().items()}
+    assert {name: demo[name] for name in expected} == expected
+    assert driver.parse_args(["--demo", "--epochs", "3"]).vqvae.epochs == 3
+
+
+def test_the_seeds_flag_spellings_still_work():
+    settings = driver.parse_args(["--batch_size", "8", "--learning_rate", "0.01"])
+    assert (settings.data.batch_size, settings.vqvae.learning_rate) == (8, 0.01)
+    assert driver.parse_args(["--batch-size", "8"]).data.batch_size == 8
+
+
+def test_the_demo_and_an_oasis_run_keep_separate_folders():
+    """The README's sequence, the demo and then OASIS, must not refuse on the demo's checkpoints
+    nor overwrite its figures."""
+    demo, oasis = driver.parse_args(["--demo"]), driver.parse_args([])
+    assert demo.out != oasis.out
+    assert demo.checkpoint_dir == demo.out / "checkpoints"
+    assert oasis.checkpoint_dir == oasis.out / "checkpoints"
+    assert driver.parse_args(["--checkpoint-dir", "elsewhere"]).checkpoint_dir == Path(
+        "elsewhere")
+
+
+def test_paths_inside_the_repository_are_kept_relative(tmp_path):
+    assert runs.portable(runs.REPOSITORY / "demo_data") == "demo_data"
+    assert runs.portable(tmp_path / "data") == str(tmp_path / "data")
+    assert driver.parse_args(["--demo"]).model_settings()["data"] == "demo_data"
+
+
+def test_a_moved_clone_resumes_its_run(tmp_path, monkeypatch):
+    """settings.json written in one clone matches the same run's settings in the clone moved
+    elsewhere, where an absolute path would have refused the resume."""
+    def settings_in_clone(clone):
+        monkeypatch.setattr(runs, "REPOSITORY", clone)
+        return driver.parse_args(["--data", str(clone / "demo_data")]).model_settings()
+
+    checkpoints = tmp_path / "checkpoints"
+    runs.prepare_checkpoints(checkpoints, settings_in_clone(tmp_path / "clone"), False, False)
+    assert json.loads((checkpoints / runs.SETTINGS_FILE).read_text())["data"] == "demo_data"
+    runs.prepare_checkpoints(checkpoints, settings_in_clone(tmp_path / "moved"), False, False)
+    with pytest.raises(runs.PipelineError, match="data"):
+        runs.prepare_checkpoints(checkpoints, settings_in_clone(tmp_path / "moved") | {
+            "data": str(tmp_path / "other")}, False, False)
