@@ -3,8 +3,10 @@
 import json
 import shutil
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 import data
@@ -28,11 +30,29 @@ def test_help_lists_every_flag():
         assert flag in result.stdout, flag
 
 
+def split_images(data_folder, split):
+    """A split's slices read with PIL, not the pipeline's loader: (N, H, W, 1) in [0, 1], in
+    file-name order (the tiny splits are at the run's image size)."""
+    files = sorted((data_folder / data.SPLIT_FOLDERS[split]).glob("*.png"))
+    return np.stack([np.asarray(Image.open(file), "float32") for file in files])[..., None] / 255
+
+
+def in_batches(function, inputs, batch_size):
+    """function over inputs in the run's batches: the same float rounding as the run's."""
+    return np.concatenate([np.asarray(function(inputs[start:start + batch_size]))
+                           for start in range(0, len(inputs), batch_size)])
+
+
+def codebook_use(codes, num_embeddings):
+    """(codes used, perplexity) of code maps, counted in numpy."""
+    p = np.bincount(codes.ravel(), minlength=num_embeddings) / codes.size
+    return (p > 0).mean(), 2 ** -(p[p > 0] * np.log2(p[p > 0])).sum()
+
+
 def test_tiny_run_writes_every_output(tiny_run):
     out, checkpoints, result = tiny_run["out"], tiny_run["checkpoints"], tiny_run["result"]
     for figure in FIGURES:
         assert (out / figure).stat().st_size > 0, figure
-    assert (checkpoints / "vqvae.keras").exists() and (checkpoints / "pixelcnn.keras").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"vqvae", "pixelcnn", "samples"}
     expected = {f"{group}.{name}" for group, name in [
@@ -47,14 +67,48 @@ def test_tiny_run_writes_every_output(tiny_run):
     # two steps may leave the decoder drawing only black: then no brain intensities to compare
     assert all(np.isfinite(value) or (name.endswith(".intensity") and value == np.inf)
                for name, value in flattened(metrics).items())
-    assert (metrics["samples"]["n_real"], metrics["samples"]["n_samples"]) == (10, 10)
-    assert 0 < metrics["vqvae"]["brain_code_share"] < 1  # ellipses on black
-    history = json.loads((checkpoints / "vqvae_history.json").read_text())
-    assert len(history) == 1 and 0 < history[0]["val_ssim"] <= 1
-    assert 0 < history[0]["val_codes_used"] <= 1 and history[0]["val_codebook_perplexity"] >= 1
     assert str(out) in result.stdout and str(checkpoints / "vqvae.keras") in result.stdout
     assert list((out / "logs").glob("vqvae/train/events.out.tfevents.*"))
     assert list((out / "logs").glob("pixelcnn/validation/events.out.tfevents.*"))
+
+    # The numbers again, from the saved models and the PNG files, without the pipeline's loader
+    settings = json.loads((out / "run_settings.json").read_text())
+    shift, batch, K = settings["shift"], settings["batch_size"], settings["K"]
+    model = keras.models.load_model(checkpoints / "vqvae.keras", safe_mode=True)
+    prior = keras.models.load_model(checkpoints / "pixelcnn.keras", safe_mode=True)
+    images = {split: split_images(tiny_run["data"], split) for split in data.SPLIT_FOLDERS}
+    codes = {split: in_batches(model.encode_to_indices, images[split] - shift, batch)
+             for split in images}
+
+    def ssim_of_reconstructions(split):
+        reconstructed = np.clip(in_batches(model, images[split] - shift, batch) + shift, 0, 1)
+        return float(np.mean(tf.image.ssim(images[split], reconstructed, max_val=1.0)))
+
+    # one epoch: the validation quality logged during training is the saved model's
+    (epoch,) = json.loads((checkpoints / "vqvae_history.json").read_text())
+    assert epoch["val_ssim"] == pytest.approx(ssim_of_reconstructions("validate"), rel=1e-5)
+    assert (epoch["val_codes_used"], epoch["val_codebook_perplexity"]) == pytest.approx(
+        codebook_use(codes["validate"], K))
+    vq = metrics["vqvae"]
+    assert vq["test_ssim"] == pytest.approx(ssim_of_reconstructions("test"), rel=1e-5)
+    assert (vq["codes_used"], vq["codebook_perplexity"]) == pytest.approx(
+        codebook_use(codes["test"], K))
+    # each code stands for a downsample x downsample patch; brain where a pixel is bright
+    grid, patch = codes["test"].shape[1], settings["downsample"]
+    patches = images["test"][..., 0].reshape(-1, grid, patch, grid, patch)
+    assert vq["brain_code_share"] == pytest.approx(
+        (patches.max(axis=(2, 4)) > evaluation.BRAIN_THRESHOLD).mean())
+    # the prior's NLL: log-softmax of its logits in numpy, at the codes the test maps hold
+    logits = in_batches(prior, codes["test"], batch).astype("float64")
+    log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    chosen = np.take_along_axis(log_p, codes["test"][..., None], axis=-1)
+    train_use = np.bincount(codes["train"].ravel(), minlength=K) / codes["train"].size
+    assert metrics["pixelcnn"] == pytest.approx({
+        "test_nll_bits": -chosen.mean() / np.log(2), "uniform_bits": np.log2(K),
+        "unigram_bits": -(train_use[train_use > 0] * np.log2(train_use[train_use > 0])).sum()},
+        rel=1e-5)
+    assert (metrics["samples"]["n_real"], metrics["samples"]["n_samples"]) == (
+        len(images["test"]), len(list((out / "samples").iterdir())))
 
 
 def test_every_sample_is_saved_as_a_png_like_the_input_slices(tiny_run):
