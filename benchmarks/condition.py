@@ -3,6 +3,7 @@ with `--condition none`, training and sampling, timed alternately in one process
 
     python benchmarks/condition.py                      # the demo's 16x16 grid, batch 16
     python benchmarks/condition.py --grid 32 --batch 32 # the 256x256 defaults' grid
+    python benchmarks/condition.py --markdown           # also into docs/performance.md
 
 Both priors have driver.py's default size (K, filters, blocks, dilation cycle, output layers)
 and train on the same random code maps through driver.py's input pipeline; each measurement is
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 import data  # noqa: E402
 import pixelcnn  # noqa: E402
 from runs import PriorConfig, VQVAEConfig  # noqa: E402
-from training import matmul_gflops  # noqa: E402
+from training import MarkdownReport, add_markdown_option, matmul_gflops  # noqa: E402
 
 MAPS = 384  # one epoch: the demo's training split
 
@@ -35,6 +36,7 @@ def parse_args():
     parser.add_argument("--grid", type=int, default=16, help="code map size (default: 16)")
     parser.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="turns per prior (default: 3)")
+    add_markdown_option(parser)
     return parser.parse_args()
 
 
@@ -55,7 +57,12 @@ def timed(work):
 
 def main():
     args = parse_args()
-    gflops = matmul_gflops()
+    with MarkdownReport(args.markdown) as report:
+        compare_priors(args, report.matmul_gflops())
+
+
+def compare_priors(args, gflops):
+    """Times both priors' training and sampling in turns and prints their table."""
     rng = np.random.default_rng(0)
     num_embeddings = VQVAEConfig().K
     codes = rng.integers(0, num_embeddings, size=(MAPS, args.grid, args.grid)).astype("int32")

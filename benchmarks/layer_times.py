@@ -2,7 +2,7 @@
 `fit` step, and the input pipeline, for our VQ-VAE and the seed's.
 
     python benchmarks/layer_times.py                  # 256x256 defaults: about 3 minutes
-    python benchmarks/layer_times.py --markdown       # the same tables for the README
+    python benchmarks/layer_times.py --markdown       # as markdown, into docs/performance.md
 
 Each layer is timed alone on the activations it sees in the model (each model's default batch
 at 256x256: ours 16, the seed's 32): the gradient of its output with respect to its input and
@@ -114,10 +114,16 @@ def table(rows, step, markdown):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=training.MODELS, default=training.MODELS)
-    parser.add_argument("--markdown", action="store_true", help="print tables as markdown")
+    training.add_markdown_option(parser)
     options = parser.parse_args()
+    with training.MarkdownReport(options.markdown) as report:
+        report_layers(options, report.matmul_gflops())
+
+
+def report_layers(options, gflops):
+    """Prints each model's layer table, then the input pipeline's time."""
     keras.utils.set_random_seed(training.SEED)
-    print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the start")
+    print(f"matmul {gflops:.0f} GFLOP/s at the start")
     for model_name in options.models:
         settings = training.model_settings("defaults", model_name)
         given, vq = settings.data, settings.vqvae

@@ -2,6 +2,7 @@
 profiler.
 
     python benchmarks/prior_ops.py             # the default grid (32x32) and batch: about a minute
+    python benchmarks/prior_ops.py --markdown  # the same, into docs/performance.md
 
 The prior (driver.py's defaults, unconditional, as benchmarks/training.py times it) trains on
 random code maps in memory; after warm-up steps, the profiler records PROFILED_STEPS steps and
@@ -68,10 +69,17 @@ def op_times(space):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")
+    training.add_markdown_option(parser)
     options = parser.parse_args()
+    with training.MarkdownReport(options.markdown) as report:
+        profile_steps(options.top, report)
+
+
+def profile_steps(top, report):
+    """Prints the op table of PROFILED_STEPS training steps of the default prior."""
     settings = training.model_settings("defaults", "ours")
     model, batches = training.pixelcnn_job("ours", settings, np.random.default_rng(training.SEED))
-    print(f"matmul {training.matmul_gflops():.0f} GFLOP/s at the start")
+    print(f"matmul {report.matmul_gflops():.0f} GFLOP/s at the start")
     model.fit(batches, steps_per_epoch=WARM_UP_STEPS, shuffle=False, verbose=0)
     with tempfile.TemporaryDirectory() as logdir:
         space, seconds = recorded_space(
@@ -82,7 +90,7 @@ def main():
     print(f"prior: {prior.pcnn_type}, {prior.pcnn_res_blocks} blocks of {prior.pcnn_filters} "
           f"filters, {grid}x{grid} maps, batch {given.batch_size}: "
           f"{PROFILED_STEPS * given.batch_size / seconds:.1f} maps/s while profiled")
-    print_op_table(*op_times(space), PROFILED_STEPS, "step", options.top)
+    print_op_table(*op_times(space), PROFILED_STEPS, "step", top)
 
 
 def print_op_table(totals, calls, repeats, unit, top):

@@ -1,6 +1,7 @@
 """The realism test's controls on the bundled demo slices, and what the test costs.
 
-    python benchmarks/realism.py              # prints the README's table of controls (a few minutes)
+    python benchmarks/realism.py              # prints the table of controls (a few minutes)
+    python benchmarks/realism.py --markdown   # the same, into docs/performance.md
 
 For each image size: real test slices against clearly bad images (tiles shuffled, heavy blur,
 the seed's tadpoles, images decoded from code maps drawn from the unigram code frequencies of a
@@ -26,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import vqvae  # noqa: E402
-from training import matmul_gflops  # noqa: E402
+from training import MarkdownReport, add_markdown_option, matmul_gflops  # noqa: E402
 
 SEED = 0
 UNIGRAM_K, UNIGRAM_D, UNIGRAM_EPOCHS = 32, 8, 8
@@ -85,12 +86,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256],
                         help="image sizes (default: 64 256)")
+    add_markdown_option(parser)
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} CPU cores, matmul {matmul_gflops():.0f} GFLOP/s, "
+    with MarkdownReport(args.markdown) as report:
+        report_controls(args.sizes, report.matmul_gflops())
+
+
+def report_controls(sizes, gflops):
+    """Prints the controls' table at each size, then the cost of one realism evaluation."""
+    print(f"machine: {os.cpu_count()} CPU cores, matmul {gflops:.0f} GFLOP/s, "
           f"tensorflow {tf.__version__}")
     print("| pair | size | n per set | accuracy ± s.e. | largest anatomy distance (sd) |")
     print("| --- | ---: | ---: | ---: | --- |")
-    for size in args.sizes:
+    for size in sizes:
         for row in control_rows(size):
             print(row, flush=True)
     print(f"realism evaluation, {TIMED_IMAGES} vs {TIMED_IMAGES} images at "

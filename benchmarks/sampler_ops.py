@@ -1,6 +1,7 @@
 """Where the fast sampler spends its time, op by op, from TensorFlow's profiler.
 
     python benchmarks/sampler_ops.py        # driver.py's default prior and grid: about a minute
+    python benchmarks/sampler_ops.py --markdown   # the same, into docs/performance.md
 
 The prior has driver.py's default size, condition and positions and random weights (as
 `sampling.py --random-prior` builds it); the sampler draws --maps code maps once to compile, then
@@ -24,8 +25,7 @@ import pixelcnn  # noqa: E402
 import runs  # noqa: E402
 from prior_ops import op_times, print_op_table, recorded_space  # noqa: E402
 from sampling import random_prior  # noqa: E402
-from training import matmul_gflops  # noqa: E402
-
+from training import MarkdownReport, add_markdown_option  # noqa: E402
 
 
 def main():
@@ -34,14 +34,21 @@ def main():
                         help="code maps drawn at once (default: driver.py's --num-samples, "
                              "%(default)s)")
     parser.add_argument("--top", type=int, default=15, help="op kinds shown (default: 15)")
+    add_markdown_option(parser)
     options = parser.parse_args()
+    with MarkdownReport(options.markdown) as report:
+        profile_sampler(options, report)
+
+
+def profile_sampler(options, report):
+    """Prints the op table of one call of the sampler on the default prior."""
     given, vq, config = runs.DataConfig(), runs.VQVAEConfig(), runs.PriorConfig()
     grid = given.image_size // vq.downsample
     prior, description = random_prior(vq.K, config.pcnn_filters, config.pcnn_res_blocks,
                                       config.pcnn_dilation_cycle, grid, seed=given.seed)
     sampler = pixelcnn.code_sampler(prior, (grid, grid))
     heights = np.linspace(0.0, 1.0, options.maps, dtype="float32")
-    print(f"matmul {matmul_gflops():.0f} GFLOP/s at the start")
+    print(f"matmul {report.matmul_gflops():.0f} GFLOP/s at the start")
     sampler(options.maps, 1.0, given.seed + 1, heights)  # compiles
     with tempfile.TemporaryDirectory() as logdir:
         space, seconds = recorded_space(

@@ -5,6 +5,7 @@
     python benchmarks/sampling.py           # then this; ends with one line "speedup: N.Nx"
     python benchmarks/sampling.py --random-prior 512 64 8 4 --grid 32 --naive-codes 64
                                             # an untrained dilated gated prior at 256x256's grid
+    python benchmarks/sampling.py --markdown    # also into its section of docs/performance.md
 """
 
 import argparse
@@ -23,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 import pixelcnn  # noqa: E402
 import runs  # noqa: E402
-from training import SETTINGS, matmul_gflops  # noqa: E402
+from training import SETTINGS, MarkdownReport, add_markdown_option, matmul_gflops  # noqa: E402
 
 DEMO = SETTINGS["demo"]
 
@@ -48,6 +49,7 @@ def parse_args():
                              "(default: all codes)")
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed, and the random prior's (default: 0)")
+    add_markdown_option(parser)
     return parser.parse_args()
 
 
@@ -81,7 +83,12 @@ def timed(sample, *args):
 
 def main():
     args = parse_args()
-    gflops_before = matmul_gflops()
+    with MarkdownReport(args.markdown) as report:
+        compare_samplers(args, report.matmul_gflops())
+
+
+def compare_samplers(args, gflops_before):
+    """Times both samplers on the same prior and prints their table and the speedup."""
     prior, description = load_prior(args)
     grid = (args.grid, args.grid)
     codes_per_map = args.grid * args.grid

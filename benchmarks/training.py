@@ -1,7 +1,7 @@
 """Training speed, peak memory and quality per time of our VQ-VAE and PixelCNN against the seed's.
 
     python benchmarks/training.py                    # about 25 minutes on a 2-core CPU
-    python benchmarks/training.py --markdown         # the same table for the README
+    python benchmarks/training.py --markdown         # as markdown, into docs/performance.md
     python benchmarks/training.py --parts quality    # only the quality races (about 18 minutes)
     python benchmarks/training.py --quick            # about 5 minutes: checks that everything runs
 
@@ -23,7 +23,10 @@ measurement runs in its own subprocess, so the peak memory of one is not inherit
 """
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import io
 import json
 import os
 import platform
@@ -119,6 +122,135 @@ def matmul_gflops():
     for _ in range(3):
         tf.matmul(a, a).numpy()
     return 3 * 2 * MATMUL_SIZE**3 / (time.perf_counter() - start) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# --markdown: a benchmark's printed table into its section of docs/performance.md
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+PERFORMANCE_DOC = REPOSITORY / "docs" / "performance.md"
+MARKDOWN_FLAG = "--markdown"
+
+
+def add_markdown_option(parser):
+    parser.add_argument(MARKDOWN_FLAG, nargs="?", const=PERFORMANCE_DOC, type=Path,
+                        metavar="FILE",
+                        help="also write what this prints, with the command, date, machine and "
+                             "matmul speed, into FILE's section for this command, between "
+                             "'<!-- benchmarks/x.py args -->' and '<!-- end benchmarks/x.py "
+                             "args -->' (FILE: docs/performance.md if not given; default: off)")
+
+
+def benchmark_command(argv=None):
+    """The command as the docs name its section: the script's path from the repository root and
+    its arguments, without --markdown and its FILE."""
+    script, *arguments = sys.argv if argv is None else argv
+    script = Path(script).resolve()
+    name = script.relative_to(REPOSITORY).as_posix() if script.is_relative_to(REPOSITORY) else \
+        script.name
+    kept, skip_value = [], False
+    for argument in arguments:
+        if skip_value and not argument.startswith("-"):
+            skip_value = False
+            continue
+        skip_value = argument == MARKDOWN_FLAG
+        if not (skip_value or argument.startswith(MARKDOWN_FLAG + "=")):
+            kept.append(argument)
+    return " ".join([name, *kept])
+
+
+def section_markers(name):
+    return f"<!-- {name} -->", f"<!-- end {name} -->"
+
+
+def section_bounds(text, path, name):
+    """(start, end) of the text between name's markers in text; refuses unless each appears
+    once, in order."""
+    begin, end = section_markers(name)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise SystemExit(f"benchmarks: error: {path} needs the lines '{begin}' and '{end}', once "
+                         "each and in this order, around the place for this command's table")
+    return text.index(begin) + len(begin), text.index(end)
+
+
+def write_markdown_section(path, name, text):
+    """Replaces what lies between name's markers in the markdown file at path with text, written
+    to a temporary file and renamed over path, so that a killed run leaves the old file whole."""
+    path = Path(path)
+    old = path.read_text()
+    start, end = section_bounds(old, path, name)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(f"{old[:start]}\n{text.strip()}\n{old[end:]}")
+    os.replace(temporary, path)
+
+
+def as_markdown(printed):
+    """Printed output as markdown: its markdown table rows as they are, every other run of lines
+    in a code block, so that fixed-width tables keep their columns."""
+    blocks, lines, table = [], [], None
+    for line in printed.strip().splitlines():
+        is_row = line.startswith("|")
+        if lines and is_row != table:
+            blocks.append("\n".join(lines) if table else "```\n" + "\n".join(lines) + "\n```")
+            lines = []
+        lines.append(line)
+        table = is_row
+    if lines:
+        blocks.append("\n".join(lines) if table else "```\n" + "\n".join(lines) + "\n```")
+    return "\n\n".join(blocks)
+
+
+class MarkdownReport:
+    """Echoes what a benchmark prints. With a path, it checks on entry that the file has this
+    command's section, so that a long benchmark does not fail at its end, and on a normal exit
+    writes into it what was printed, after a line with the command, the date, the machine and
+    the matmul speed that `matmul_gflops` records."""
+
+    def __init__(self, path):
+        self.path = path
+        self.name = benchmark_command()
+        self.gflops = None
+        self.printed = io.StringIO()
+
+    def matmul_gflops(self):
+        """matmul_gflops(), remembering the first for the provenance line."""
+        gflops = matmul_gflops()
+        self.gflops = gflops if self.gflops is None else self.gflops
+        return gflops
+
+    def __enter__(self):
+        if self.path is not None:
+            section_bounds(Path(self.path).read_text(), self.path, self.name)
+        self.redirect = contextlib.redirect_stdout(Tee(sys.stdout, self.printed))
+        self.redirect.__enter__()
+        return self
+
+    def __exit__(self, *exception):
+        self.redirect.__exit__(*exception)
+        if self.path is not None and exception[0] is None:
+            write_markdown_section(self.path, self.name,
+                                   f"{self.provenance()}\n\n{as_markdown(self.printed.getvalue())}")
+
+    def provenance(self):
+        gflops = "not measured" if self.gflops is None else f"{self.gflops:.0f} GFLOP/s"
+        return (f"`python {self.name}`, {datetime.date.today().isoformat()}, "
+                f"{platform.platform()}, {os.cpu_count()} CPUs, matmul {gflops} at the start:")
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to several."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +761,7 @@ def parse_args():
     parser.add_argument("--quick", action="store_true",
                         help=f"--timed-seconds {QUICK_SECONDS:g}, both budgets "
                              f"{QUICK_BUDGET_SECONDS:g} s: checks that it runs")
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    add_markdown_option(parser)
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one job, in a subprocess
     args = parser.parse_args()
     if args.quick:
@@ -647,7 +779,12 @@ def main():
     if not train_folder.is_dir():
         sys.exit(f"training.py: error: no {train_folder} for the quality runs; create the demo "
                  "data (demo_data/make_demo_data.py) or pass --data")
-    gflops_before = matmul_gflops()
+    with MarkdownReport(args.markdown) as report:
+        report_table(args, report.matmul_gflops())
+
+
+def report_table(args, gflops_before):
+    """Runs every measurement in its subprocess and prints the table and what it shows."""
     results = {(job["kind"], job["setting"], job["model"]): run_in_subprocess(job)
                for job in all_jobs(args)}
     print(machine_line(gflops_before))
