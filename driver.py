@@ -55,6 +55,7 @@ import_tensorflow_quietly()  # before the modules below import TensorFlow
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from matplotlib import colormaps, ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import data  # noqa: E402
@@ -362,101 +363,217 @@ def print_metrics(metrics, prefix=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures: one function per PNG, each taking data and a path.
+# Figures: one function per PNG, each taking data and a path; each returns its Figure, which the
+# tests inspect. FIGURE_WIDTH at runs.FIGURE_DPI is about a README column, so a figure is shown
+# at its own size there, and its fonts as they were drawn.
+
+FIGURE_WIDTH = 7.5  # inches
+CODE_COLOURS_SEED = 0  # the palette's order: the same code has the same colour in every figure
+CODE_COLOURS_NOTE = "code maps: one colour per code index, in an arbitrary order"
+VQ_LOSSES = {"loss": ("VQ-VAE: total loss", "loss"),
+             "reconstruction_loss": ("VQ-VAE: reconstruction", "MSE / data variance"),
+             "vq_loss": ("VQ-VAE: VQ loss", "codebook + β · commitment")}
 
 
-def plot_losses(history, path):
-    fig = Figure(figsize=(12, 3.5))
-    for ax, key, title in zip(fig.subplots(1, 3), ("loss", "reconstruction_loss", "vq_loss"),
-                              ("total loss", "reconstruction loss (MSE / variance)", "VQ loss")):
-        epochs = np.arange(1, len(history[key]) + 1)
-        ax.plot(epochs, history[key], label="train")
-        ax.plot(epochs, history[f"val_{key}"], label="validation")
-        # log scale: the late epochs' progress is a small fraction of the first epoch's loss
-        ax.set(title=title, xlabel="epoch", yscale="log")
-        ax.legend()
+def epoch_axis(ax):
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+class PlainLogFormatter(ticker.LogFormatter):
+    """LogFormatter's choice of ticks to label (minor ones too on a short range, where they are
+    the only ones), written 0.3 rather than 3e-01."""
+
+    def __call__(self, value, position=None):
+        return f"{value:g}" if super().__call__(value, position) else ""
+
+
+def plain_log_axis(ax):
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(PlainLogFormatter())
+    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+def plot_curves(ax, history, key, title, ylabel):
+    """Training and validation curves of one loss, with the epoch whose weights were kept."""
+    epochs = np.arange(1, len(history[key]) + 1)
+    validation = np.asarray(history[f"val_{key}"])
+    ax.plot(epochs, history[key], label="training")
+    ax.plot(epochs, validation, label="validation")
+    if key == "loss":  # what runs.KeepBest monitors
+        best = int(np.argmin(validation))
+        ax.plot(epochs[best], validation[best], "ko", label="kept (best validation loss)")
+    ax.set(title=title, ylabel=ylabel)
+    epoch_axis(ax)
+
+
+def plot_losses(vq_history, prior_history, path, unigram_bits=None):
+    """Training and validation losses per epoch: the VQ-VAE's three, on log scales since the late
+    epochs' progress is a small fraction of the first's, and, with its history, the prior's
+    cross-entropy, where a rising validation curve shows it overfitting. `unigram_bits`, the
+    code entropy on the training split, is what a prior that ignores context reaches."""
+    panels = [*(VQ_LOSSES if vq_history else ()), *(["prior"] if prior_history else [])]
+    rows = math.ceil(len(panels) / 2)
+    fig = Figure(figsize=(FIGURE_WIDTH, 2.6 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.remove()
+    for ax, panel in zip(axes, panels):
+        if panel == "prior":
+            in_bits = {key: np.asarray(values) / math.log(2)
+                       for key, values in prior_history.items()}
+            plot_curves(ax, in_bits, "loss", "PixelCNN prior: cross-entropy", "bits per code")
+            if unigram_bits is not None:
+                ax.axhline(unigram_bits, color="grey", linestyle="--",
+                           label="code entropy (no context)")
+        else:
+            plot_curves(ax, vq_history, panel, *VQ_LOSSES[panel])
+            plain_log_axis(ax)
+    handles = {label: handle for ax in axes[:len(panels)]
+               for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside upper center",
+               ncols=min(len(handles), 2))
     save_figure(fig, path)
+    return fig
 
 
 def plot_validation_quality(history, num_embeddings, path):
     """Validation SSIM and, in histories that track it, codebook use per epoch."""
     tracks_codebook = "val_codes_used" in history  # not in checkpoints of earlier versions
-    fig = Figure(figsize=(10 if tracks_codebook else 5, 3.5))
+    fig = Figure(figsize=(FIGURE_WIDTH if tracks_codebook else FIGURE_WIDTH / 2, 3),
+                 layout="constrained")
     ssim_axis, *codebook_axes = fig.subplots(1, 2 if tracks_codebook else 1, squeeze=False)[0]
     epochs = np.arange(1, len(history["val_ssim"]) + 1)
     ssim_axis.plot(epochs, history["val_ssim"], marker="o")
-    ssim_axis.set(title="validation SSIM", xlabel="epoch", ylabel="mean SSIM")
+    ssim_axis.set(title="validation SSIM", ylabel="mean SSIM")
+    epoch_axis(ssim_axis)
     if tracks_codebook:
         plot_codebook_history(codebook_axes[0], epochs, history, num_embeddings)
     save_figure(fig, path)
+    return fig
 
 
 def plot_codebook_history(codebook_axis, epochs, history, num_embeddings):
     codebook_axis.plot(epochs, history["val_codes_used"], marker="o", label="codes used")
     codebook_axis.plot(epochs, np.array(history["val_codebook_perplexity"]) / num_embeddings,
                        marker="o", label="perplexity / K")
-    codebook_axis.set(title=f"codebook use on the validation split (K = {num_embeddings})",
-                      xlabel="epoch", ylabel="share of K", ylim=(0, 1.05))
+    codebook_axis.set(title=f"validation codebook use (K = {num_embeddings})",
+                      ylabel="share of K", ylim=(0, 1.05))
+    epoch_axis(codebook_axis)
     codebook_axis.legend()
 
 
-def plot_codebook_results(originals, codes, reconstructions, scores, path):
-    fig = Figure(figsize=(7.5, 2.5 * len(originals)))
+def code_colours(num_embeddings):
+    """(K, 3) RGB: a code map's indices are categories, so neighbouring indices get unrelated
+    colours from a fixed shuffle of one palette, the same in every figure."""
+    palette = colormaps["turbo"](np.linspace(0, 1, num_embeddings))[:, :3]
+    return palette[np.random.default_rng(CODE_COLOURS_SEED).permutation(num_embeddings)]
+
+
+def plot_codebook_results(originals, codes, reconstructions, scores, num_embeddings, path):
+    """Validation images, their code maps and their reconstructions, each with its SSIM."""
+    width = FIGURE_WIDTH * 0.8
+    fig = Figure(figsize=(width, width / 3 * len(originals) + 0.5), layout="constrained")
     axes = fig.subplots(len(originals), 3, squeeze=False)
+    colours = code_colours(num_embeddings)
     for row, (image, code, reconstruction, score) in enumerate(
             zip(originals, codes, reconstructions, scores)):
         axes[row, 0].imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
-        axes[row, 1].imshow(code, cmap="viridis")
+        axes[row, 1].imshow(colours[code])
         axes[row, 2].imshow(reconstruction[..., 0], cmap="gray", vmin=0, vmax=1)
-        axes[row, 2].set_title(f"reconstruction, SSIM {score:.3f}")
-        axes[row, 0].set_title("original")
-        axes[row, 1].set_title("code map")
+        axes[row, 2].text(0.02, 0.02, f"SSIM {score:.3f}", color="white", va="bottom",
+                          transform=axes[row, 2].transAxes)
+    for ax, title in zip(axes[0], ("original", "code map", "reconstruction")):
+        ax.set_title(title)
     for ax in axes.ravel():
         ax.axis("off")
+    fig.supxlabel(CODE_COLOURS_NOTE, fontsize="medium")
     save_figure(fig, path)
+    return fig
 
 
-def plot_samples(codes, images, path):
-    fig = Figure(figsize=(2.2 * len(codes), 4.6))
+def plot_samples(codes, images, heights, num_embeddings, path):
+    """Sampled code maps above their decoded images, each titled with the relative height it was
+    drawn at when the prior is conditional (`heights` is None otherwise)."""
+    fig = Figure(figsize=(FIGURE_WIDTH, FIGURE_WIDTH / len(codes) * 2 + 0.6),
+                 layout="constrained")
     axes = fig.subplots(2, len(codes), squeeze=False)
+    colours = code_colours(num_embeddings)
     for col, (code, image) in enumerate(zip(codes, images)):
-        axes[0, col].imshow(code, cmap="viridis")
+        axes[0, col].imshow(colours[code])
         axes[1, col].imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
-    axes[0, 0].set_title("sampled code maps", loc="left")
-    axes[1, 0].set_title("decoded", loc="left")
+        if heights is not None:
+            axes[0, col].set_title(f"h = {heights[col]:.2f}")
     for ax in axes.ravel():
-        ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("code map")
+    axes[1, 0].set_ylabel("decoded")
+    fig.supxlabel(CODE_COLOURS_NOTE + (
+        "; h: relative height drawn at, 0 bottom, 1 top" if heights is not None else ""),
+        fontsize="medium")
     save_figure(fig, path)
+    return fig
 
 
 def plot_codebook_usage(counts, path):
-    fig = Figure(figsize=(8, 3.5))
+    """How often each code is used, on a log scale: the background's code would otherwise
+    flatten all the others."""
+    fig = Figure(figsize=(FIGURE_WIDTH, 3), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(len(counts)), counts / counts.sum(), width=1.0)
-    ax.set(title=f"code usage on the test split ({(counts > 0).sum()} of {len(counts)} used)",
-           xlabel="code k", ylabel="frequency")
+    ax.axhline(1 / len(counts), color="grey", linestyle="--")
+    ax.text(1.01, 1 / len(counts), "uniform\n(1 / K)", va="center", color="grey",
+            transform=ax.get_yaxis_transform())
+    ax.set(title=f"code use on the test split ({(counts > 0).sum()} of {len(counts)} codes used)",
+           xlabel="code index k", ylabel="share of code positions", yscale="log",
+           xlim=(-0.5, len(counts) - 0.5))
     save_figure(fig, path)
+    return fig
+
+
+def histogram_edges(values):
+    """Unit bins centred on the integers for a count (pieces), else equal bins; an undefined
+    (nan) value counts in no bin."""
+    pooled = np.concatenate(values)
+    pooled = pooled[np.isfinite(pooled)]
+    if np.all(pooled == np.round(pooled)):
+        return np.arange(pooled.min() - 0.5, pooled.max() + 1.5)
+    return np.histogram_bin_edges(pooled, bins=20)
 
 
 def plot_realism(statistics, distances, path):
     """One panel per anatomy statistic: its distribution in each image set, titled with the
-    samples' distance from the real slices in units of the real spread."""
-    columns = math.ceil(len(evaluation.ANATOMY) / 2)
-    fig = Figure(figsize=(4.2 * columns, 7.4), layout="constrained")
-    for ax, name in zip(fig.subplots(2, columns).ravel(), evaluation.ANATOMY):
+    samples' distance from the real test slices in units of the real slices' spread."""
+    rows = math.ceil(len(evaluation.ANATOMY) / 2)
+    fig = Figure(figsize=(FIGURE_WIDTH, 2.5 * rows + 0.9), layout="constrained")
+    grid = fig.subplots(rows, 2).ravel()
+    axes, spare = dict(zip(evaluation.ANATOMY, grid)), grid[len(evaluation.ANATOMY):]
+    for name, ax in axes.items():
+        label = name.replace("_", " ")
         if name == "intensity":
-            for label, values in statistics.items():
-                ax.plot(evaluation.intensity_bin_centres(), values[name], label=label)
+            for set_name, values in statistics.items():
+                ax.plot(evaluation.intensity_bin_centres(), values[name], label=set_name)
             ax.set(xlabel="intensity inside the brain", ylabel="share of brain pixels")
         else:
             values = [values[name] for values in statistics.values()]
-            edges = np.histogram_bin_edges(np.concatenate(values), bins=20)
-            ax.hist(values, bins=edges, density=True, histtype="step", linewidth=1.5,
-                    label=list(statistics))
-            ax.set(xlabel=name.replace("_", " "), ylabel="density")
-        ax.set_title(f"{name.replace('_', ' ')}\nsamples {distances[name]:.2f} sd from real")
-    fig.axes[0].legend(loc="upper right", fontsize="small")
+            ax.hist(values, bins=histogram_edges(values), density=True, histtype="step",
+                    linewidth=1.5, label=list(statistics))
+            ax.set(xlabel=label, ylabel="density")
+        ax.set_title(f"{label}: samples {distances[name]:.2f} sd from real")
+    fig.suptitle("Anatomy statistics. Panel titles: the samples' distance from the real test "
+                 "slices\n(Wasserstein distance, in standard deviations of the real slices)",
+                 fontsize="medium")
+    # the intensity panel's lines, in the sets' order (a histogram adds its patches reversed),
+    # in the empty panel if there is one, else below the panels
+    handles = axes["intensity"].get_legend_handles_labels()
+    if len(spare):
+        spare[0].axis("off")
+        spare[0].legend(*handles, loc="center", title="image sets")
+    else:
+        fig.legend(*handles, loc="outside lower center", ncols=len(statistics))
     save_figure(fig, path)
+    return fig
 
 
 def plot_samples_by_slice(real, real_heights, samples, sample_heights, path):
@@ -482,23 +599,31 @@ def plot_samples_by_slice(real, real_heights, samples, sample_heights, path):
     axes[0, 0].set_title("real test slices", loc="left")
     axes[0, IMAGES_PER_HEIGHT].set_title("samples at that height", loc="left")
     save_figure(fig, path)
+    return fig
 
 
-def write_figures(model, splits, vq_history, sampled, codes, statistics, metrics, settings):
+def write_figures(model, splits, histories, sampled, codes, statistics, metrics, settings):
+    """The figures of a run; `histories` holds the VQ-VAE's and the prior's per-epoch logs
+    ({metric: [value per epoch]}, None for checkpoints without a history file)."""
     out, shift, num_embeddings = settings.out, settings.data.shift, settings.vqvae.K
+    vq_history, prior_history = histories
+    if vq_history or prior_history:
+        plot_losses(vq_history, prior_history, out / "loss_plot.png",
+                    metrics["pixelcnn"]["unigram_bits"])
     if vq_history:
-        plot_losses(vq_history, out / "loss_plot.png")
         plot_validation_quality(vq_history, num_embeddings, out / "ssim_plot.png")
     examples = next(iter(splits.scaled("validate").unbatch().batch(FIGURE_EXAMPLES)))
     reconstructions = evaluation.to_unit_range(model(examples), shift)
     originals = evaluation.to_unit_range(examples, shift)
     plot_codebook_results(originals.numpy(), model.encode_to_indices(examples).numpy(),
                           reconstructions.numpy(),
-                          evaluation.ssim(originals, reconstructions).numpy(),
+                          evaluation.ssim(originals, reconstructions).numpy(), num_embeddings,
                           out / "codebook_results.png")
     # spread over the samples: a conditional run draws them in order of height
     shown = np.linspace(0, len(sampled.codes) - 1, SAMPLES_SHOWN).round().astype(int)
-    plot_samples(sampled.codes[shown], sampled.images[shown], out / "samples.png")
+    plot_samples(sampled.codes[shown], sampled.images[shown],
+                 None if sampled.heights is None else sampled.heights[shown], num_embeddings,
+                 out / "samples.png")
     if sampled.heights is not None:
         plot_samples_by_slice(splits.unit_range("test"), splits.heights("test"), sampled.images,
                               sampled.heights, out / "samples_by_slice.png")
@@ -555,7 +680,8 @@ def run(settings):
     metrics, statistics = evaluate(model, prior, splits, sampled, codes, heights, settings)
     runs.save_json(metrics, settings.out / "metrics.json")
     runs.save_json(settings.flat(), settings.out / "run_settings.json")
-    write_figures(model, splits, runs.by_metric(runs.read_epochs(vq_checkpoints.history)),
+    write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
+                                  for checkpoints in (vq_checkpoints, prior_checkpoints)],
                   sampled, codes, statistics, metrics, settings)
     print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")
