@@ -1,6 +1,9 @@
 """Shared fixtures and helpers: tiny PNG folders in the OASIS layout, written into a temporary
-directory; driver.py run as a user runs it; one tiny trained run that tests only read."""
+directory; driver.py run as a user runs it, or in the test's process; one tiny trained run that
+tests only read; small models and images that several test files use."""
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -14,10 +17,11 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+# The smallest models and runs; with --demo they run at the demo's image size and downsampling.
+TINY_MODELS = ["--epochs", "1", "--pcnn-epochs", "1", "--K", "16", "--D", "4", "--batch_size", "8",
+               "--pcnn-filters", "16", "--pcnn-res-blocks", "2", "--num-samples", "10"]
 # Unconditional: the tiny splits name every slice slice_0, one height.
-TINY_RUN = ["--image-size", "32", "--downsample", "4", "--epochs", "1", "--pcnn-epochs", "1",
-            "--K", "16", "--D", "4", "--batch_size", "8", "--pcnn-filters", "16",
-            "--pcnn-res-blocks", "2", "--num-samples", "10", "--condition", "none"]
+TINY_RUN = ["--image-size", "32", "--downsample", "4", *TINY_MODELS, "--condition", "none"]
 
 # The scaled pixel range at the default --shift of 0.5.
 PIXEL_RANGE = (-0.5, 0.5)
@@ -100,6 +104,17 @@ def run_driver(*args, cwd=REPO):
                           capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+def run_in_process(*args):
+    """driver.main(args) in this process, for a run that needs no process of its own: no
+    TensorFlow start-up. Returns what it printed."""
+    import driver
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        driver.main([str(arg) for arg in args])
+    return printed.getvalue()
+
+
 def one_line_error(capsys, argv):
     """Run driver.main(argv) in-process; return its stderr, asserting a single line and a
     failure."""
@@ -123,6 +138,28 @@ def tiny_run(tmp_path_factory):
     result = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, *TINY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"data": data, "out": out, "checkpoints": checkpoints, "result": result}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """--demo at the demo's image size, downsampling and slice-conditional prior, on a few of
+    the bundled slices, 1 epoch each, sampled at the lowest and the highest slice (--slice
+    indices); in this process, shared by the tests that only read its outputs."""
+    import data
+
+    demo = tmp_path_factory.mktemp("demo_run") / "data"
+    for folder in data.SPLIT_FOLDERS.values():
+        (demo / folder).mkdir(parents=True)
+        # every 15th slice, which steps through the heights of a case; enough test slices for
+        # the realism test
+        stride = 5 if folder == data.SPLIT_FOLDERS["test"] else 15
+        for image in sorted((data.DEMO_DATA / folder).glob("*.png"))[::stride]:
+            shutil.copy(image, demo / folder)
+    top_slice = max(map(data.slice_index, (demo / data.SPLIT_FOLDERS["train"]).iterdir()))
+    out = demo.parent / "out"
+    printed = run_in_process("--demo", "--data", demo, "--out", out, *TINY_MODELS,
+                             "--slice", f"0,{top_slice}")
+    return {"data": demo, "out": out, "printed": printed}
 
 
 @pytest.fixture

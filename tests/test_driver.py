@@ -10,24 +10,25 @@ import tensorflow as tf
 from PIL import Image
 
 import data
+import driver
 import evaluation
 import runs
-from conftest import TINY_RUN, flattened, one_line_error, run_driver, write_split_folders
+from conftest import (TINY_RUN, flattened, one_line_error, run_in_process,
+                      write_split_folders)
 
 FIGURES = ("loss_plot.png", "ssim_plot.png", "codebook_results.png", "samples.png",
            "codebook_usage.png", "realism.png")
 
 
 def test_help_lists_every_flag():
-    result = run_driver("-h")
-    assert result.returncode == 0
+    text = driver.build_parser().format_help()
     for flag in ("--data", "--K", "--D", "--beta", "--epochs", "--batch_size", "--learning_rate",
                  "--shift", "--pcnn-epochs", "--pcnn-learning-rate", "--pcnn-filters",
                  "--pcnn-res-blocks", "--pcnn-layers", "--out", "--checkpoint-dir",
                  "--image-size", "--seed", "--demo", "--evaluate", "--fresh", "--num-samples",
                  "--temperature", "--pcnn-type", "--strategy", "--mixed-precision", "--condition",
                  "--slice", "--pcnn-positions"):
-        assert flag in result.stdout, flag
+        assert flag in text, flag
 
 
 def split_images(data_folder, split):
@@ -120,16 +121,18 @@ def test_every_sample_is_saved_as_a_png_like_the_input_slices(tiny_run):
 
 
 def test_evaluate_reloads_and_recomputes_everything(copied_run):
-    out = copied_run["out"]
+    out, checkpoints = copied_run["out"], copied_run["checkpoints"]
     before = json.loads((out / "metrics.json").read_text())
+    models = {path: path.read_bytes() for path in checkpoints.glob("*.keras")}
     (out / "samples.png").unlink()
     shutil.rmtree(out / "samples")
-    again = run_driver("--data", copied_run["data"], "--out", out,
-                       "--checkpoint-dir", copied_run["checkpoints"], "--evaluate", *TINY_RUN)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Training" not in again.stdout
+    printed = run_in_process("--data", copied_run["data"], "--out", out,
+                             "--checkpoint-dir", checkpoints, "--evaluate", *TINY_RUN)
+    assert "Training the" not in printed
+    assert len(models) == 2 and all(path.read_bytes() == saved for path, saved in models.items())
     assert (out / "samples.png").exists() and len(list((out / "samples").iterdir())) == 10
-    # the same models, seed and data: the same numbers, the realism test included
+    # the same models, seed and data, in another process: the same numbers, the realism test
+    # included
     after = json.loads((out / "metrics.json").read_text())
     assert flattened(after) == pytest.approx(flattened(before), rel=1e-4, abs=1e-5)
 
@@ -210,22 +213,21 @@ def test_no_pipeline_runs_the_autotuner():
     assert not any(pipeline.options().autotune.enabled for pipeline in pipelines)
 
 
-def test_demo_run_at_a_tiny_setting(tmp_path):
-    """--demo on a few of the bundled slices, 1 epoch each: the demo path end to end."""
-    demo = tmp_path / "demo"
-    for folder in data.SPLIT_FOLDERS.values():
-        (demo / folder).mkdir(parents=True)
-        # every 16th slice, but enough test slices for the realism test
-        stride = 5 if folder == data.SPLIT_FOLDERS["test"] else 16
-        for image in sorted((data.DEMO_DATA / folder).glob("*.png"))[::stride]:
-            shutil.copy(image, demo / folder)
-    out = tmp_path / "out"
-    result = run_driver("--demo", "--data", demo, "--out", out,
-                        "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "run_settings.json").read_text())["demo"] is True
+def test_demo_run_at_a_tiny_setting(demo_run):
+    """--demo's image size, downsampling and prior end to end (demo_run: 1 epoch each)."""
+    out = demo_run["out"]
+    settings = json.loads((out / "run_settings.json").read_text())
+    assert settings["demo"] is True and settings["condition"] == "slice"
+    size, downsample = data.DEMO_DEFAULTS["image_size"], data.DEMO_DEFAULTS["downsample"]
+    assert (settings["image_size"], settings["downsample"]) == (size, downsample)
     for figure in FIGURES:
         assert (out / figure).exists(), figure
+    for png in (out / "samples").iterdir():
+        with Image.open(png) as image:
+            assert image.size == (size, size), png.name
+    model = keras.models.load_model(out / "checkpoints" / "vqvae.keras", safe_mode=True)
+    grid = size // downsample
+    assert model.encode_to_indices(np.zeros((1, size, size, 1))).shape == (1, grid, grid)
 
 
 @pytest.mark.parametrize("damage", ["missing", "empty"])

@@ -10,7 +10,7 @@ import data
 import driver
 import evaluation
 import runs
-from conftest import TINY_RUN, one_line_error, run_driver, write_split_folders
+from conftest import TINY_RUN, one_line_error, write_split_folders
 
 SLICES_PER_CASE = 4
 
@@ -119,12 +119,9 @@ def test_conditional_run_refuses_a_name_without_a_slice_index(tmp_path, capsys):
     assert "case_000_top.nii.png" in message
 
 
-def test_tiny_conditional_run(tmp_path):
-    data = write_split_folders(tmp_path / "data", slices_per_case=SLICES_PER_CASE)
-    out = tmp_path / "out"
-    result = run_driver("--data", data, "--out", out, "--checkpoint-dir", tmp_path / "ck",
-                        *TINY_RUN, "--condition", "slice", "--slice", "0,3")  # indices
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_the_conditional_demo_run_samples_at_the_given_slices(demo_run):
+    """demo_run: --slice 0,<top slice>, indices of the lowest and the highest slice."""
+    out = demo_run["out"]
     names = sorted(p.name for p in (out / "samples").iterdir())
     assert names[0] == "sample_000_slice_0.00.png" and names[-1] == "sample_009_slice_1.00.png"
     assert (out / "samples_by_slice.png").stat().st_size > 0
