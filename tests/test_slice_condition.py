@@ -100,13 +100,18 @@ def test_brain_area_by_height_follows_the_heights():
     assert result["correlation"] > 0.95
 
 
-def test_realism_by_band_skips_bands_with_too_few_images():
+def test_realism_by_band_compares_each_band_alone_and_skips_small_ones():
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(40, 32, 32, 1))
     heights = np.r_[np.zeros(15), np.full(20, 0.5), np.ones(5)]
-    bands = evaluation.realism_by_band(images, heights, images[::-1], heights[::-1], seed=0)
+    samples = np.where(heights[:, None, None, None] == 0.5, images / 2, images)
+    order = rng.permutation(len(images))  # the samples come in another order than the slices
+    bands = evaluation.realism_by_band(images, heights, samples[order], heights[order], seed=0)
     assert set(bands) == {"low", "middle"}  # only 5 high slices
-    assert bands["middle"]["n_real"] == 20 and 0 <= bands["low"]["c2st_accuracy"] <= 1
+    assert [(band["n_real"], band["n_samples"]) for band in bands.values()] == [(15, 15), (20, 20)]
+    # the low band's samples are its own slices: chance; the middle band's are darker: told apart
+    assert bands["low"]["c2st_accuracy"] <= 0.6, bands["low"]
+    assert bands["middle"]["c2st_accuracy"] == 1.0, bands["middle"]
 
 
 def test_conditional_run_refuses_a_name_without_a_slice_index(tmp_path, capsys):
@@ -138,10 +143,17 @@ def test_conditional_nll_is_given_the_heights():
     prior = pixelcnn.build_pixelcnn(6, 8, 1, 1, kind="gated", dilation_cycle=1, condition="slice")
     codes = np.random.default_rng(0).integers(0, 6, size=(4, 5, 5)).astype("int32")
     heights = np.array([0.0, 0.3, 0.6, 1.0], "float32")
-    nll = keras.losses.sparse_categorical_crossentropy(codes, prior([codes, heights]),
-                                                       from_logits=True)
-    expected = float(np.mean(nll)) / np.log(2)
-    assert evaluation.prior_nll_bits(prior, codes, 3, heights) == pytest.approx(expected, 1e-5)
+
+    def nll_bits(heights):
+        """-log2 p(c | h) per code: the log-softmax of the prior's logits, in numpy."""
+        logits = prior([codes, heights]).numpy().astype("float64")
+        log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        return -np.take_along_axis(log_p, codes[..., None], axis=-1).mean() / np.log(2)
+
+    # batches of 3 and 1 map: each batch's heights must go with its maps
+    assert evaluation.prior_nll_bits(prior, codes, 3, heights) == pytest.approx(
+        nll_bits(heights), rel=1e-5)
+    assert nll_bits(heights[::-1]) != pytest.approx(nll_bits(heights), rel=1e-5)
 
 
 def test_models_saved_before_the_condition_flag_are_evaluated_unconditionally(tmp_path):
