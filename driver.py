@@ -287,16 +287,24 @@ def sample(model, prior, heights, settings):
 def evaluate(model, prior, splits, sampled, codes, heights, settings):
     """metrics.json's content and the anatomy statistics of the three image sets: real test
     slices, their reconstructions and the samples. A conditional prior's NLL is conditional,
-    and its samples are also compared with the real slices at their heights."""
+    and its samples are also compared with the real slices at their heights. Each two-sample
+    accuracy is printed beside its floors (`print_metrics`)."""
     shift, seed, num_embeddings = settings.data.shift, settings.data.seed, settings.vqvae.K
     originals, reconstructed = evaluation.reconstructions(model, splits.scaled("test"), shift)
+    train_pixels = splits.pixels("train")
+    train_originals, train_reconstructed = training_subset_reconstructions(
+        model, train_pixels, len(sampled.images), settings)
     started = time.perf_counter()
-    real, reconstructions, samples = (evaluation.realism_summary(images)
-                                      for images in (originals, reconstructed, sampled.images))
+    real, reconstructions, samples, train_real, train_reconstructions = (
+        evaluation.realism_summary(images) for images in (
+            originals, reconstructed, sampled.images, train_originals, train_reconstructed))
     samples_vs_real = evaluation.realism(real, samples, seed)
     samples_vs_reconstructions = evaluation.realism(reconstructions, samples, seed)
     reconstructions_vs_real = evaluation.realism(real, reconstructions, seed)
-    print(f"Realism tests (3 image sets, 3 pairs): {time.perf_counter() - started:.1f} s")
+    samples_vs_train = evaluation.realism(train_reconstructions, samples, seed)
+    floors = realism_floors(train_real, real, train_reconstructions, seed)
+    print(f"Realism tests (5 image sets, {3 + 1 + len(floors)} pairs, each two-sample test "
+          f"under {evaluation.C2ST_REPEATS} seeds): {time.perf_counter() - started:.1f} s")
     metrics = {
         "vqvae": {
             **evaluation.reconstruction_metrics(originals, reconstructed),
@@ -305,9 +313,8 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
                 codes["test"], originals, num_embeddings),
             "brain_code_share": float(
                 evaluation.brain_code_positions(originals, codes["test"].shape[1:]).mean()),
-            "c2st_reconstructions": reconstructions_vs_real["c2st_accuracy"],
-            "c2st_reconstructions_stderr": reconstructions_vs_real["c2st_stderr"],
-            "anatomy_reconstructions": reconstructions_vs_real["anatomy"],
+            **two_sample_metrics(reconstructions_vs_real, "c2st_reconstructions",
+                                 "anatomy_reconstructions"),
         },
         "pixelcnn": {
             "test_nll_bits": evaluation.prior_nll_bits(prior, codes["test"],
@@ -319,14 +326,18 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
         "samples": {
             "n_real": len(originals),
             "n_samples": len(sampled.images),
+            "n_train_compared": len(train_originals),
             **samples_vs_real,
-            "c2st_vs_reconstructions": samples_vs_reconstructions["c2st_accuracy"],
-            "c2st_vs_reconstructions_stderr": samples_vs_reconstructions["c2st_stderr"],
-            "anatomy_vs_reconstructions": samples_vs_reconstructions["anatomy"],
+            **two_sample_metrics(samples_vs_reconstructions, "c2st_vs_reconstructions",
+                                 "anatomy_vs_reconstructions"),
+            **two_sample_metrics(samples_vs_train, "c2st_vs_train_reconstructions",
+                                 "anatomy_vs_train_reconstructions"),
+            **{key: value for name, result in floors.items()
+               for key, value in two_sample_metrics(result, name, f"anatomy_{name}").items()},
             "touching_border": float(evaluation.touches_border(sampled.images).mean()),
             "real_touching_border": float(evaluation.touches_border(originals).mean()),
             "nn_ssim": float(evaluation.nearest_neighbour_ssim(
-                sampled.images, splits.pixels("train")).mean()),
+                sampled.images, train_pixels).mean()),
             "pairwise_ssim": evaluation.pairwise_ssim(sampled.images, seed),
         },
     }
@@ -339,6 +350,49 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
     return metrics, statistics
 
 
+def training_subset_reconstructions(model, train_pixels, num_samples, settings):
+    """A seeded random subset of the training slices (evaluation.training_subset, twice the
+    samples) and their reconstructions, both in [0, 1]: the training split is larger than the
+    samples, and on OASIS too large to reconstruct whole for a comparison."""
+    given = settings.data
+    subset = evaluation.training_subset(len(train_pixels), num_samples, given.seed)
+    print(f"Training slices compared with the samples: {len(subset)} of {len(train_pixels)}, "
+          f"drawn at random with --seed {given.seed}")
+    scaled = train_pixels[subset].astype("float32") / data.PIXEL_MAX - given.shift
+    batches = [scaled[start:start + given.batch_size]
+               for start in range(0, len(scaled), given.batch_size)]
+    return evaluation.reconstructions(model, batches, given.shift)
+
+
+def realism_floors(train_real, real, train_reconstructions, seed):
+    """{name: realism result} of the floors that the samples' scores are read against: real
+    training slices against real test slices (the split is by person), and two random halves
+    of the training slices' reconstructions. A floor the set sizes leave undefined is left out,
+    and why is printed."""
+    floors = {}
+    reason = evaluation.too_few_images(train_real["count"], real["count"])
+    if reason is None:
+        floors["floor_train_vs_test"] = evaluation.realism(real, train_real, seed)
+    else:
+        print(f"  samples.floor_train_vs_test: nan ({reason})")
+    half = train_reconstructions["count"] // 2
+    reason = evaluation.too_few_images(half, half)
+    if reason is None:
+        floors["floor_reconstruction_halves"] = evaluation.halves_realism(
+            train_reconstructions, seed)
+    else:
+        print(f"  samples.floor_reconstruction_halves: nan (halves of "
+              f"{train_reconstructions['count']} training reconstructions: {reason})")
+    return floors
+
+
+def two_sample_metrics(result, name, anatomy_name):
+    """A `realism` result as metrics: name (the mean accuracy), name_sd, name_stderr and
+    anatomy_name (the anatomy distances)."""
+    return {name: result["c2st_accuracy"], f"{name}_sd": result["c2st_sd"],
+            f"{name}_stderr": result["c2st_stderr"], anatomy_name: result["anatomy"]}
+
+
 def samples_by_height(real, sampled, seed):
     """The realism test per height band, and how well the samples' brain area follows the real
     slices' from bottom to top. `real` and `sampled` are (images, realism summary, heights)."""
@@ -346,6 +400,8 @@ def samples_by_height(real, sampled, seed):
     area = evaluation.brain_area_by_height(
         real_summary["statistics"]["brain_area"], real_heights,
         summary["statistics"]["brain_area"], heights)
+    if area["correlation_undefined"]:
+        print(f"  samples.brain_area_height_correlation: nan ({area['correlation_undefined']})")
     return {"by_band": evaluation.realism_by_band(real_images, real_heights, images, heights,
                                                   seed),
             "brain_area_height_correlation": area["correlation"],
@@ -360,6 +416,35 @@ def print_metrics(metrics, prefix=""):
             print_metrics(value, f"{prefix}{name}.")
         else:
             print(f"  {prefix + name:<46} {value:10.4f}")
+    if not prefix:
+        print_beside_floors(metrics)
+
+
+# (metrics group, accuracy key, what it compares): the two-sample accuracies, then their floors
+TWO_SAMPLE_SCORES = (
+    ("samples", "c2st_accuracy", "samples vs real test slices"),
+    ("samples", "c2st_vs_reconstructions", "samples vs test reconstructions"),
+    ("samples", "c2st_vs_train_reconstructions", "samples vs training reconstructions"),
+    ("vqvae", "c2st_reconstructions", "test reconstructions vs real test slices"),
+    ("samples", "floor_train_vs_test", "floor: real training vs real test slices"),
+    ("samples", "floor_reconstruction_halves", "floor: two halves of training reconstructions"),
+)
+
+
+def print_beside_floors(metrics):
+    """Each two-sample accuracy as mean ± sd over the test's seeds, with one test's standard
+    error, above the floors it is read against."""
+    print(f"\nTwo-sample accuracy: mean ± sd over {evaluation.C2ST_REPEATS} seeds of the test "
+          "(folds and parts; the images fixed), and one test's standard error (the images' share)")
+    for group, key, label in TWO_SAMPLE_SCORES:
+        if key not in metrics[group]:
+            print(f"  {label:<48} nan (too few images, see above)")
+            continue
+        # samples vs real slices keep their original names: c2st_sd, c2st_stderr
+        stem = "c2st" if key == "c2st_accuracy" else key
+        values = metrics[group]
+        print(f"  {label:<48} {values[key]:.3f} ± {values[f'{stem}_sd']:.3f} "
+              f"(s.e. {values[f'{stem}_stderr']:.3f})")
 
 
 # ---------------------------------------------------------------------------------------------

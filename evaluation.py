@@ -7,8 +7,9 @@ Sample realism has two parts (see the README's evaluation section for what the v
 - a classifier two-sample test: a regularised logistic regression on fixed image features,
   cross-validated so that every image is scored once; 0.5 means it cannot tell the sets apart;
 - anatomy statistics (brain area, pieces, left-right symmetry, solidity, the dark midline
-  between the hemispheres, intensity inside the brain), each compared between the sets as a 1-D
-  Wasserstein distance in units of the reference set's spread.
+  between the hemispheres, intensity and sharpness inside the brain), each compared between the
+  sets as a 1-D Wasserstein distance in units of the reference set's spread.
+Each score is read beside its floors, the scores of two sets of one kind (`halves_realism`).
 """
 
 import math
@@ -16,11 +17,12 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
-from scipy import ndimage, spatial, stats
+from scipy import fft, ndimage, spatial, stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 import pixelcnn
 
@@ -36,7 +38,14 @@ INTENSITY_BINS = 32
 # The spread a statistic is measured in when the reference set does not vary at all (one piece
 # in every image, say): its natural resolution.
 SPREAD_FLOOR = {"brain_area": 0.01, "pieces": 0.5, "symmetry": 0.01, "solidity": 0.01,
-                "midline_contrast": 0.01, "intensity": 1 / 255}
+                "midline_contrast": 0.01, "intensity": 1 / 255, "sharpness": 0.01}
+# What anatomy_of measures per image, the statistics the classifier sees among its features: the
+# intensity histogram is one per set, and sharpness reaches the classifier through the gradient
+# histogram and the spectrum.
+OUTLINE_STATISTICS = ("brain_area", "pieces", "symmetry", "solidity", "midline_contrast")
+# Sharpness is read this many pixels inside the brain's outline: the discrete Laplacian reaches
+# one pixel, and the outline's soft edge one more, so the step to the black background is left out.
+SHARPNESS_MARGIN = 2
 # Skull-stripped slices are centred on black: brain within this share of the side of an edge (8
 # pixels at 256x256, the code map's outer row of codes at downsample 8) is brain where a real
 # slice has none (tests/test_realism.py checks the demo's).
@@ -54,6 +63,13 @@ FEATURE_GRID = 16
 GRADIENT_BINS = 16
 SPECTRUM_BANDS = 12
 MIN_IMAGES_PER_SET = 2 * C2ST_FOLDS
+# The two-sample test runs under this many seeds (each draws other folds and, for sets of
+# different sizes, other parts of the larger set); the accuracy is their mean, c2st_sd their
+# standard deviation: how far the score moves by the test's own randomness alone.
+C2ST_REPEATS = 3
+# Samples are compared with a random subset of the training slices this many times their number,
+# so that each half of it, in the floor of two halves, is as large as the samples.
+TRAIN_SUBSET_PER_SAMPLE = 2
 # Relative heights in [0, 1] split into equal bands, each tested for realism on its own.
 HEIGHT_BANDS = ("low", "middle", "high")
 # Nearest-neighbour SSIM looks for the nearest training images by pixel distance at this size,
@@ -242,8 +258,19 @@ def midline_contrast(image, mask):
     return float(image[:, band][inside].mean() / image[mask].mean())
 
 
+def sharpness(image, mask):
+    """Root mean square of the image's Laplacian inside the brain (the mask eroded by
+    SHARPNESS_MARGIN pixels) over the brain's mean intensity: fine detail relative to brightness,
+    lowered by blur, raised by speckle. 0 for a brain with no inside."""
+    inside = ndimage.binary_erosion(mask, iterations=SHARPNESS_MARGIN)
+    if not inside.any():
+        return 0.0
+    laplacian = ndimage.laplace(image)
+    return float(np.sqrt(np.mean(laplacian[inside] ** 2)) / image[mask].mean())
+
+
 def anatomy_of(image):
-    """The per-image anatomy statistics of one image (H, W) in [0, 1]."""
+    """The OUTLINE_STATISTICS of one image (H, W) in [0, 1]."""
     mask = image > BRAIN_THRESHOLD
     labels, pieces = brain_pieces(mask)
     if not len(pieces):
@@ -269,15 +296,28 @@ def touches_border(images):
 
 
 def anatomy_statistics(images):
-    """{statistic: values per image} and, under "intensity", the intensity histogram of all the
-    images' brain pixels (INTENSITY_BINS bins over (BRAIN_THRESHOLD, 1], as a distribution)."""
+    """{statistic: values per image}, each image's brain-pixel counts under "intensity_counts"
+    and, under "intensity", the intensity histogram of all the images' brain pixels."""
     images = as_gray(images)
     per_image = [anatomy_of(image) for image in images]
-    statistics = {name: np.array([s[name] for s in per_image]) for name in per_image[0]}
-    brain = images[images > BRAIN_THRESHOLD]
-    histogram = np.histogram(brain, bins=INTENSITY_BINS, range=(BRAIN_THRESHOLD, 1.0))[0]
-    statistics["intensity"] = histogram / max(histogram.sum(), 1)
+    statistics = {name: np.array([s[name] for s in per_image]) for name in OUTLINE_STATISTICS}
+    statistics["sharpness"] = np.array(
+        [sharpness(image, image > BRAIN_THRESHOLD) for image in images])
+    statistics["intensity_counts"] = np.stack([intensity_counts(image) for image in images])
+    statistics["intensity"] = intensity_distribution(statistics["intensity_counts"])
     return statistics
+
+
+def intensity_counts(image):
+    """The counts of an image's brain pixels in INTENSITY_BINS bins over (BRAIN_THRESHOLD, 1]."""
+    brain = image[image > BRAIN_THRESHOLD]
+    return np.histogram(brain, bins=INTENSITY_BINS, range=(BRAIN_THRESHOLD, 1.0))[0]
+
+
+def intensity_distribution(counts):
+    """Per-image intensity counts (N, INTENSITY_BINS) summed into one distribution."""
+    total = counts.sum(axis=0)
+    return total / max(total.sum(), 1)
 
 
 def intensity_bin_centres():
@@ -326,7 +366,8 @@ def gradient_histogram(images):
 def radial_spectrum(images):
     """Log power in up to SPECTRUM_BANDS log-spaced rings of spatial frequency: texture and
     sharpness."""
-    power = np.abs(np.fft.fftshift(np.fft.fft2(images), axes=(1, 2))) ** 2
+    # scipy's FFT: several times faster than numpy's on a stack of images
+    power = np.abs(np.fft.fftshift(fft.fft2(images), axes=(1, 2))) ** 2
     size = images.shape[1]
     rows, cols = np.mgrid[:size, :size] - size // 2
     radius = np.hypot(rows, cols)
@@ -340,16 +381,23 @@ def realism_features(images, statistics):
     """Fixed features per image: the image at FEATURE_GRID x FEATURE_GRID, its gradient-magnitude
     histogram, its radial power spectrum and its anatomy statistics."""
     coarse = resized(images[..., None], FEATURE_GRID).reshape(len(images), -1)
-    anatomy = np.stack([statistics[name] for name in ANATOMY if name != "intensity"], axis=1)
+    anatomy = np.stack([statistics[name] for name in OUTLINE_STATISTICS], axis=1)
     return np.concatenate(
         [coarse, gradient_histogram(images), radial_spectrum(images), anatomy], axis=1)
 
 
-def check_set_sizes(n_reference, n_other):
+def too_few_images(n_reference, n_other):
+    """Why the two-sample test cannot compare sets of these sizes, or None when it can."""
     if min(n_reference, n_other) < MIN_IMAGES_PER_SET:
-        raise ValueError(
-            f"the two-sample test needs at least {MIN_IMAGES_PER_SET} images in each set "
-            f"({C2ST_FOLDS}-fold cross-validation), got {n_reference} and {n_other}")
+        return (f"the two-sample test needs at least {MIN_IMAGES_PER_SET} images in each set "
+                f"({C2ST_FOLDS}-fold cross-validation), got {n_reference} and {n_other}")
+    return None
+
+
+def check_set_sizes(n_reference, n_other):
+    reason = too_few_images(n_reference, n_other)
+    if reason:
+        raise ValueError(reason)
 
 
 def two_sample_test(reference_features, other_features, seed):
@@ -362,10 +410,22 @@ def two_sample_test(reference_features, other_features, seed):
     reference, other = (x[rng.permutation(len(x))] for x in (reference_features, other_features))
     count = min(len(reference), len(other))
     parts = lambda x: np.split(x[: len(x) // count * count], len(x) // count)  # noqa: E731
-    # one of the two sets is a single part: each part of the other is tested against it
-    tests = [held_out_accuracy(reference_part, other_part, seed)
-             for reference_part in parts(reference) for other_part in parts(other)]
+    # one of the two sets is a single part: each part of the other is tested against it;
+    # the fits are small, and parallel BLAS threads wait on each other longer than they save
+    with threadpool_limits(limits=1):
+        tests = [held_out_accuracy(reference_part, other_part, seed)
+                 for reference_part in parts(reference) for other_part in parts(other)]
     return tuple(float(np.mean(values)) for values in zip(*tests))
+
+
+def repeated_two_sample_test(reference_features, other_features, seed):
+    """two_sample_test under C2ST_REPEATS seeds from `seed` on: the mean accuracy, the standard
+    deviation of the accuracies (the test's own randomness: folds and parts, the images fixed)
+    and the mean standard error (the images' share: what another draw of the sets could move)."""
+    tests = [two_sample_test(reference_features, other_features, seed + repeat)
+             for repeat in range(C2ST_REPEATS)]
+    accuracies, errors = np.array(tests).T
+    return float(accuracies.mean()), float(accuracies.std(ddof=1)), float(errors.mean())
 
 
 def held_out_accuracy(reference, other, seed):
@@ -389,13 +449,47 @@ def realism_summary(images):
             "count": len(images)}
 
 
+def summary_subset(summary, indices):
+    """The `realism_summary` of the images at `indices` of a summarised set."""
+    statistics = {name: values[indices] for name, values in summary["statistics"].items()
+                  if name != "intensity"}
+    statistics["intensity"] = intensity_distribution(statistics["intensity_counts"])
+    return {"statistics": statistics, "features": summary["features"][indices],
+            "count": len(indices)}
+
+
 def realism(reference, other, seed):
-    """The two-sample test and the anatomy distances of `other` against `reference` (both from
-    `realism_summary`)."""
+    """The two-sample test (`repeated_two_sample_test`) and the anatomy distances of `other`
+    against `reference` (both from `realism_summary`)."""
     check_set_sizes(reference["count"], other["count"])
-    accuracy, stderr = two_sample_test(reference["features"], other["features"], seed)
-    return {"c2st_accuracy": accuracy, "c2st_stderr": stderr,
+    accuracy, sd, stderr = repeated_two_sample_test(reference["features"], other["features"], seed)
+    return {"c2st_accuracy": accuracy, "c2st_sd": sd, "c2st_stderr": stderr,
             "anatomy": anatomy_distances(reference["statistics"], other["statistics"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Floors: what the realism test scores for two sets of one kind
+
+
+def random_halves(count, seed):
+    """Indices of two disjoint random halves of `count` items."""
+    order = np.random.default_rng(seed).permutation(count)
+    half = count // 2
+    return order[:half], order[half:2 * half]
+
+
+def halves_realism(summary, seed):
+    """`realism` of one random half of a summarised set against the other: the score of two
+    sets of one kind at half the size, a floor for any pair of sets that size."""
+    first, second = random_halves(summary["count"], seed)
+    return realism(summary_subset(summary, first), summary_subset(summary, second), seed)
+
+
+def training_subset(num_train, num_samples, seed):
+    """Sorted indices of a random TRAIN_SUBSET_PER_SAMPLE * num_samples of the num_train
+    training slices (all of them when there are fewer)."""
+    size = min(num_train, TRAIN_SUBSET_PER_SAMPLE * num_samples)
+    return np.sort(np.random.default_rng(seed).choice(num_train, size, replace=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,17 +527,30 @@ def brain_area_by_height(real_areas, real_heights, sample_areas, sample_heights)
     heights (samples count at the nearest), over the heights both have, and the two curves'
     Pearson correlation: 1 when the samples' size follows the real slices' from bottom to top.
 
-    Returns {"correlation": r, "by_height": {"0.43": {"real": .., "samples": ..}, ..}}.
+    Returns {"correlation": r, "correlation_undefined": None, or why r is nan,
+             "by_height": {"0.43": {"real": .., "samples": ..}, ..}}.
     """
     levels = np.unique(real_heights)
     sample_levels = nearest_height(sample_heights, levels)
     shared = [level for level in levels if (sample_levels == level).any()]
     real = np.array([real_areas[real_heights == level].mean() for level in shared])
     drawn = np.array([sample_areas[sample_levels == level].mean() for level in shared])
-    correlation = float(np.corrcoef(real, drawn)[0, 1]) if len(shared) > 1 else math.nan
-    return {"correlation": correlation,
+    correlation, undefined = pearson_correlation(real, drawn)
+    return {"correlation": correlation, "correlation_undefined": undefined,
             "by_height": {f"{level:.2f}": {"real": float(a), "samples": float(b)}
                           for level, a, b in zip(shared, real, drawn)}}
+
+
+def pearson_correlation(real, drawn):
+    """(Pearson's r of the real and the drawn curve, None), or (nan, why) where r is undefined:
+    fewer than two points, or a curve that does not vary."""
+    if len(real) < 2:
+        return math.nan, f"{len(real)} height(s) shared by samples and real slices, not 2"
+    flat = [name for name, curve in (("real slices'", real), ("samples'", drawn))
+            if np.ptp(curve) == 0]
+    if flat:
+        return math.nan, f"the {' and the '.join(flat)} mean brain area is the same at every height"
+    return float(np.corrcoef(real, drawn)[0, 1]), None
 
 
 # ---------------------------------------------------------------------------------------------
