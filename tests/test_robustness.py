@@ -11,9 +11,10 @@ import keras
 import numpy as np
 import pytest
 
+import driver
 import runs
 import vqvae
-from conftest import (PIXEL_RANGE, REPO, TINY_RUN, flattened, one_line_error, run_driver,
+from conftest import (PIXEL_RANGE, REPO, TINY_RUN, flattened, one_line_error, run_in_process,
                       write_split_folders)
 
 KILL_TIMEOUT = 300
@@ -34,23 +35,37 @@ def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
         time.sleep(0.2)
     run.send_signal(signal.SIGKILL)
     run.wait()
-    finished = len(json.loads(history.read_text()))
-    assert finished < epochs, "the run finished before it could be killed"
+    killed = json.loads(history.read_text())
+    assert len(killed) < epochs, "the run finished before it could be killed"
 
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Epoch 1/{epochs}" not in resumed.stdout  # it did not start over
-    assert len(json.loads(history.read_text())) == epochs
+    printed = run_in_process(*command[2:])  # the rerun needs no process of its own
+    assert f"Epoch 1/{epochs}" not in printed  # it did not start over
+    resumed = json.loads(history.read_text())
+    # (a kill between an epoch's history and its backup repeats that one epoch)
+    assert len(resumed) == epochs and resumed[:len(killed) - 1] == killed[:-1]
     assert (checkpoints / "vqvae.keras").exists() and (checkpoints / "pixelcnn.keras").exists()
 
 
-def test_fresh_starts_over_and_other_settings_are_refused(copied_run, capsys):
+class StartedTraining(Exception):
+    """Stands in for training, which a test has seen start."""
+
+
+def test_fresh_starts_over_and_other_settings_are_refused(copied_run, capsys, monkeypatch):
+    checkpoints = copied_run["checkpoints"]
     common = ["--data", str(copied_run["data"]), "--out", str(copied_run["out"]),
-              "--checkpoint-dir", str(copied_run["checkpoints"]), *TINY_RUN]
+              "--checkpoint-dir", str(checkpoints), *TINY_RUN]
     message = one_line_error(capsys, [*common, "--K", "8"])
     assert "--fresh" in message and "K" in message
-    fresh = run_driver(*common, "--K", "8", "--fresh")
-    assert fresh.returncode == 0 and "Training the VQ-VAE" in fresh.stdout, fresh.stderr[-2000:]
+
+    def train_vqvae(splits, settings, *rest):
+        raise StartedTraining(f"K={settings.vqvae.K}")
+
+    monkeypatch.setattr(driver, "train_vqvae", train_vqvae)
+    with pytest.raises(StartedTraining, match="K=8"):
+        driver.main([*common, "--K", "8", "--fresh"])
+    # the old models are gone and the new settings saved: a rerun resumes the fresh run
+    assert not list(checkpoints.glob("*.keras"))
+    assert json.loads((checkpoints / runs.SETTINGS_FILE).read_text())["K"] == 8
 
 
 @pytest.mark.parametrize("evaluate", [True, False])
@@ -72,6 +87,13 @@ def test_a_damaged_checkpoint_is_named_and_kept(copied_run, capsys, evaluate):
     assert (copied_run["out"] / "metrics.json").read_bytes() == metrics
 
 
+def compiled_vqvae():
+    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model(np.zeros((1, 16, 16, 1), "float32"))
+    return model
+
+
 class PoisonWeights(keras.callbacks.Callback):
     """Keeps the weights after the first epoch, then turns them to NaN at the start of the
     second."""
@@ -84,10 +106,8 @@ class PoisonWeights(keras.callbacks.Callback):
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
-    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model = compiled_vqvae()
     images = np.random.default_rng(0).uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
-    model(images)
     checkpoints = runs.Checkpoints.in_folder(tmp_path, "vqvae")
     after_first_epoch = PoisonWeights()
     with pytest.raises(runs.PipelineError, match="loss became nan.*lower the learning rate"):
@@ -95,9 +115,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_epoch(tmp_path):
                    callbacks=[after_first_epoch])
     assert len(json.loads(checkpoints.history.read_text())) == 1
     # the backup holds the first epoch's weights, which the NaN never reached
-    restored = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
-    restored.compile(optimizer=keras.optimizers.Adam(1e-3))
-    restored(images)
+    restored = compiled_vqvae()
     restore = runs.AtomicBackupAndRestore(str(checkpoints.backup))
     restore.set_model(restored)
     restore.on_train_begin()
@@ -118,13 +136,6 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         runs.replace_atomically(target, write_half_then_fail)
     assert json.loads(target.read_text()) == {"old": 1.0}
     assert os.listdir(tmp_path) == ["metrics.json"]
-
-
-def compiled_vqvae():
-    model = vqvae.VQVAE(8, 2, pixel_range=PIXEL_RANGE)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    model(np.zeros((1, 16, 16, 1), "float32"))
-    return model
 
 
 def test_a_kill_while_backing_up_keeps_the_previous_epochs_backup(tmp_path, monkeypatch):
@@ -184,11 +195,11 @@ def test_unwritable_checkpoint_dir(tmp_path, capsys):
 
 
 def test_same_seed_same_metrics(tiny_run, tmp_path):
-    """A second run with the shared tiny run's arguments and seed gives its metrics."""
+    """A second run with the shared tiny run's arguments and seed, in another process, gives
+    its metrics."""
     out = tmp_path / "out"
-    result = run_driver("--data", tiny_run["data"], "--out", out,
-                        "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_process("--data", tiny_run["data"], "--out", out,
+                   "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
     first = json.loads((tiny_run["out"] / "metrics.json").read_text())
     second = json.loads((out / "metrics.json").read_text())
     # float reductions on several threads may differ in the last bits
