@@ -1,12 +1,20 @@
 """The custom train steps under tf.distribute: one step on two logical CPU devices under
 MirroredStrategy matches one step on one device with the same global batch, the EMA codebook's
-statistics and restarts included."""
+statistics and restarts included (in a process of its own, which splits the CPU before
+TensorFlow starts); and under mixed_float16."""
 
+import contextlib
 import json
 import subprocess
 import sys
 import textwrap
 
+import keras
+import numpy as np
+import pytest
+
+import pixelcnn
+import vqvae
 from conftest import REPO
 
 # Prints, as JSON, how far one step moved the weights and how far the two ways differ.
@@ -111,78 +119,67 @@ def test_mirrored_step_matches_single_device_step():
     assert ema["state_gap"] < 1e-5, ema
 
 
-# Trains each model under float32 and then under mixed_float16 from the same seed, and runs the
-# mixed models on the float32 models' weights; prints, as JSON, what the test compares.
-MIXED_PRECISION_STEPS = textwrap.dedent("""
-    import json
-    import keras
-    import numpy as np
-    import pixelcnn
-    import vqvae
-    rng = np.random.default_rng(0)
-    images = rng.uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
-    codes = rng.integers(0, 8, (4, 5, 5))
+RNG = np.random.default_rng(0)
+IMAGES = RNG.uniform(-0.5, 0.5, (4, 16, 16, 1)).astype("float32")
+CODES = RNG.integers(0, 8, (4, 5, 5))
 
-    def trained(kind):
-        keras.utils.set_random_seed(0)
-        if kind == "prior":
-            model = pixelcnn.build_pixelcnn(8, 8, 1, 1, kind="gated", dilation_cycle=1)
-            model.compile(optimizer=keras.optimizers.SGD(0.5),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-            losses = model.fit(codes, codes, epochs=3, verbose=0).history["loss"]
-        else:
-            model = vqvae.VQVAE(8, 2, pixel_range=(-0.5, 0.5), data_variance=0.1, quantizer=kind)
-            model.compile(optimizer=keras.optimizers.SGD(0.01))
-            losses = model.fit(images, epochs=3, verbose=0).history["loss"]
-        return model, losses
 
-    def outputs(model, kind):
-        if kind == "prior":
-            return model(codes), None
-        return model(images), model.encode_to_indices(images)
+def trained(kind):
+    """A VQ-VAE (kind: its quantizer) or the prior, trained 3 steps from seed 0, and its losses."""
+    keras.utils.set_random_seed(0)
+    if kind == "prior":
+        model = pixelcnn.build_pixelcnn(8, 8, 1, 1, kind="gated", dilation_cycle=1)
+        model.compile(optimizer=keras.optimizers.SGD(0.5),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model, model.fit(CODES, CODES, epochs=3, verbose=0).history["loss"]
+    model = vqvae.VQVAE(8, 2, pixel_range=(-0.5, 0.5), data_variance=0.1, quantizer=kind)
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    return model, model.fit(IMAGES, epochs=3, verbose=0).history["loss"]
 
-    kinds = ("loss", "ema", "prior")
-    float32 = {kind: trained(kind) for kind in kinds}
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    results = {}
-    for kind in kinds:
+
+def outputs(model, kind):
+    """The logits, or the reconstructions and the code maps."""
+    if kind == "prior":
+        return model(CODES), None
+    return model(IMAGES), model.encode_to_indices(IMAGES)
+
+
+@contextlib.contextmanager
+def global_policy(name):
+    """Keras' global dtype policy set to name, and restored after."""
+    policy = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+@pytest.mark.parametrize("kind", ["loss", "ema", "prior"])
+def test_mixed_float16_trains_like_float32(kind):
+    """Trained under float32 and then under mixed_float16 from the same seed; the mixed model is
+    also run on the float32 model's weights."""
+    reference, float32_losses = trained(kind)
+    with global_policy("mixed_float16"):
         model, losses = trained(kind)
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         if kind != "prior":
             assert all(w.dtype in ("float32", "int64") for w in model.quantizer.weights)
-        reference, reference_losses = float32[kind]
         model.set_weights(reference.get_weights())
-        (output, indices), (expected, expected_indices) = (
-            outputs(model, kind), outputs(reference, kind))
-        assert output.dtype == "float32", output.dtype
-        results[kind] = dict(
-            losses=losses, float32_losses=reference_losses,
-            output_gap=float(np.abs(output.numpy() - expected.numpy()).max()),
-            same_codes=None if indices is None
-            else float(np.mean(indices.numpy() == expected_indices.numpy())),
-            updates=int(model.quantizer.updates.numpy()) if kind == "ema" else None,
-        )
-    print(json.dumps(results))
-""")
-
-
-def test_mixed_float16_trains_like_float32():
-    result = subprocess.run([sys.executable, "-c", MIXED_PRECISION_STEPS], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
-    for kind, result in results.items():
-        losses, float32_losses = result["losses"], result["float32_losses"]
-        # eq. 3 (or the prior's cross-entropy) before any step: float16 rounding apart, the same
-        assert abs(losses[0] - float32_losses[0]) < 1e-3 * float32_losses[0], (kind, result)
-        # on the float32 model's weights: the same outputs and codes, float16 rounding apart
-        assert result["output_gap"] < 2e-3, (kind, result)
-        if kind == "prior":
-            # no step overflows at the initial loss scale: each follows the float32 step
-            assert max(abs(a - b) for a, b in zip(losses, float32_losses)) < 1e-3, result
-            assert float32_losses[0] - float32_losses[-1] > 1e-2, result
-        else:
-            # the loss-scaled steps train (the first may be skipped while the scale settles)
-            assert losses[-1] < 0.7 * losses[0], (kind, result)
-            assert result["same_codes"] > 0.9, (kind, result)
-    assert results["ema"]["updates"] == 3, results["ema"]
+        (output, indices), (expected, expected_indices) = (outputs(model, kind),
+                                                           outputs(reference, kind))
+    assert output.dtype == "float32", output.dtype
+    # eq. 3 (or the prior's cross-entropy) before any step: float16 rounding apart, the same
+    assert abs(losses[0] - float32_losses[0]) < 1e-3 * float32_losses[0], (losses, float32_losses)
+    # on the float32 model's weights: the same outputs and codes, float16 rounding apart
+    assert np.abs(output.numpy() - expected.numpy()).max() < 2e-3
+    if kind == "prior":
+        # no step overflows at the initial loss scale: each follows the float32 step
+        assert max(abs(a - b) for a, b in zip(losses, float32_losses)) < 1e-3, losses
+        assert float32_losses[0] - float32_losses[-1] > 1e-2, float32_losses
+    else:
+        # the loss-scaled steps train (the first may be skipped while the scale settles)
+        assert losses[-1] < 0.7 * losses[0], losses
+        assert np.mean(indices.numpy() == expected_indices.numpy()) > 0.9
+    if kind == "ema":
+        assert int(model.quantizer.updates.numpy()) == 3
