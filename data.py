@@ -9,6 +9,7 @@ batch to pixel / 255 - shift.
 
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 import evaluation
 import vqvae
-from runs import PipelineError
+from runs import QUIET, PipelineError, progress_bar
 
 SPLIT_FOLDERS = {
     "train": "keras_png_slices_train",
@@ -44,11 +45,8 @@ NUMPY_BATCH = 256  # images converted to one numpy array at a time
 SLICE_NAME = re.compile(r"slice_(\d+)")
 
 
-def check_split_folder(folder):
-    """Fail on a missing or empty split or an unreadable PNG; warn on images that get converted.
-
-    Returns the number of images.
-    """
+def split_images(folder):
+    """The PNG files of a split folder, sorted; a missing or empty folder is refused."""
     if not folder.is_dir():
         raise PipelineError(f"split folder {folder} is missing; expected the OASIS layout "
                             f"({', '.join(SPLIT_FOLDERS.values())}) under --data")
@@ -56,16 +54,30 @@ def check_split_folder(folder):
     if not images:
         raise PipelineError(f"split folder {folder} holds no .png images; "
                             "put the split's slices there")
+    return images
+
+
+def check_split_folder(folder, images, progress):
+    """Fail on an unreadable PNG among a split folder's `images`, including one too large to
+    decode (Pillow's decompression-bomb limit); warn on images that get converted. `progress`
+    (a Progbar) advances by one per image.
+
+    Returns the number of images.
+    """
     converted = []
     for path in images:
         try:
-            with Image.open(path) as image:
+            # Up to twice its limit Pillow only warns, then decodes: refuse those too.
+            with (warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning),
+                  Image.open(path) as image):
                 image.load()
                 if image.mode != "L" or image.size != (EXPECTED_SIZE, EXPECTED_SIZE):
                     converted.append(f"{path.name} ({image.mode}, {image.size[0]}x{image.size[1]})")
-        except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as error:
             raise PipelineError(f"unreadable image {path} ({error}); "
                                 "delete or replace it and rerun") from None
+        progress.add(1)
     if converted:
         print(f"driver.py: warning: {folder.name}: {len(converted)} image(s) are not "
               f"{EXPECTED_SIZE}x{EXPECTED_SIZE} grayscale and are converted and resized, "
@@ -160,12 +172,19 @@ class Splits:
         return self.pixels(split) / PIXEL_MAX
 
 
-def load_splits(data_dir, size, shift, batch_size, demo):
+def load_splits(data_dir, size, shift, batch_size, demo, verbose=QUIET):
+    """The three splits, every image checked first (with progress as --verbose says)."""
     if not data_dir.is_dir():
         hint = "" if demo else f"; {OASIS_SOURCE}, or run with --demo for the bundled slices"
         raise PipelineError(f"data folder {data_dir} not found{hint}")
     folders = {split: data_dir / folder for split, folder in SPLIT_FOLDERS.items()}
-    test_count = [check_split_folder(folder) for folder in folders.values()][-1]
+    listed = {split: split_images(folder) for split, folder in folders.items()}
+    total = sum(len(images) for images in listed.values())
+    if verbose != QUIET:
+        print(f"Checking the {total} images in {data_dir}")
+    progress = progress_bar(total, verbose, unit="image")
+    test_count = [check_split_folder(folders[split], images, progress)
+                  for split, images in listed.items()][-1]
     if test_count < evaluation.MIN_IMAGES_PER_SET:
         raise PipelineError(
             f"{folders['test']} holds {test_count} images; the realism test needs at least "
@@ -174,10 +193,14 @@ def load_splits(data_dir, size, shift, batch_size, demo):
     return Splits(*images, shift, batch_size, dict(zip(SPLIT_FOLDERS, paths)))
 
 
-def pixel_variance(images):
-    """Variance of the pixels in [0, 1] of a uint8 dataset; shifting does not change it."""
+def pixel_variance(images, verbose=QUIET):
+    """Variance of the pixels in [0, 1] of a uint8 dataset; shifting does not change it. The
+    first pass over a split decodes its PNGs into the cache, hence the progress bar."""
     total, total_squares, count = 0.0, 0.0, 0
-    for batch in images.batch(NUMPY_BATCH).as_numpy_iterator():
+    batches = images.batch(NUMPY_BATCH)
+    progress = progress_bar(int(batches.cardinality()), verbose, unit="batch")
+    for batch in batches.as_numpy_iterator():
+        progress.add(1)
         pixels = batch.astype(np.float64) / PIXEL_MAX
         total += pixels.sum()
         total_squares += (pixels**2).sum()

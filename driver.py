@@ -152,6 +152,12 @@ def build_parser():
                             "metrics and figures")
     group.add_argument("--fresh", action="store_true",
                        help="ignore and replace checkpoints of an earlier run instead of resuming")
+    group.add_argument("--verbose", type=int, choices=(runs.QUIET, runs.LINES, runs.BARS),
+                       default=runs.BARS if sys.stdout.isatty() else runs.LINES,
+                       help="progress: 0 none (stage headings, results and errors only); 1 one "
+                            "line per epoch and per finished step, for log files; 2 progress "
+                            "bars redrawn in place (default: 2 when printing to a terminal, "
+                            "else 1)")
     return parser
 
 
@@ -218,7 +224,9 @@ class ValidationQuality(keras.callbacks.Callback):
 def train_vqvae(splits, settings, checkpoints, strategy):
     given, vq = settings.data, settings.vqvae
     print(f"Training the VQ-VAE for {vq.epochs} epochs")
-    variance = data.pixel_variance(splits.train)
+    if settings.verbose != runs.QUIET:
+        print("Decoding the training images for their pixel variance")
+    variance = data.pixel_variance(splits.train, settings.verbose)
     with strategy.scope():
         model = vqvae.VQVAE(vq.K, vq.D, beta=vq.beta, data_variance=variance,
                             pixel_range=(-given.shift, 1.0 - given.shift),
@@ -228,13 +236,30 @@ def train_vqvae(splits, settings, checkpoints, strategy):
         model(tf.zeros((1, given.image_size, given.image_size, 1)))  # build, so a backup restores
     runs.fit(model, splits.shuffled_train(given.seed), splits.scaled("validate"), vq.epochs,
              checkpoints, settings.out / "logs" / "vqvae",
-             callbacks=[ValidationQuality(splits.scaled("validate"), given.shift)])
+             callbacks=[ValidationQuality(splits.scaled("validate"), given.shift)],
+             verbose=settings.verbose)
     return model
 
 
-def encode(model, images):
-    """Code maps (N, h, w) of a batched image dataset, computed once."""
-    return np.concatenate([model.encode_to_indices(batch).numpy() for batch in images])
+def encode(model, images, progress=None):
+    """Code maps (N, h, w) of a batched image dataset, computed once; `progress` (a Progbar)
+    advances by one per batch."""
+    codes = []
+    for batch in images:
+        codes.append(model.encode_to_indices(batch).numpy())
+        if progress is not None:
+            progress.add(1)
+    return np.concatenate(codes)
+
+
+def encode_splits(model, splits, verbose):
+    """{split: its code maps (N, h, w)}, with one progress bar over every split's batches."""
+    if verbose != runs.QUIET:
+        print(f"Encoding the {', '.join(SPLIT_FOLDERS)} images to code maps")
+    batches = {split: splits.scaled(split) for split in SPLIT_FOLDERS}
+    progress = runs.progress_bar(sum(int(b.cardinality()) for b in batches.values()), verbose,
+                                 unit="batch")
+    return {split: encode(model, images, progress) for split, images in batches.items()}
 
 
 def train_prior(codes, heights, settings, checkpoints, strategy):
@@ -250,7 +275,8 @@ def train_prior(codes, heights, settings, checkpoints, strategy):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     runs.fit(prior, data.code_dataset(train_codes, heights["train"], given.batch_size, given.seed),
              data.code_dataset(codes["validate"], heights["validate"], given.batch_size),
-             config.pcnn_epochs, checkpoints, settings.out / "logs" / "pixelcnn")
+             config.pcnn_epochs, checkpoints, settings.out / "logs" / "pixelcnn",
+             verbose=settings.verbose)
     return prior
 
 
@@ -272,8 +298,14 @@ def sample(model, prior, heights, settings):
     """Draw --num-samples code maps from the prior (at the heights given) and decode them."""
     grid = settings.data.image_size // settings.vqvae.downsample
     started = time.perf_counter()
+    rows_done = None
+    if settings.verbose != runs.QUIET:
+        print(f"Sampling {settings.num_samples} code maps of {grid}x{grid}, a row of each at a "
+              "time")
+        rows_done = (runs.LinePerStep(grid, "row") if settings.verbose == runs.LINES
+                     else runs.progress_bar(grid, settings.verbose, unit="row")).update
     codes = pixelcnn.sample_codes(prior, settings.num_samples, (grid, grid),
-                                  settings.temperature, settings.data.seed, heights)
+                                  settings.temperature, settings.data.seed, heights, rows_done)
     images = evaluation.to_unit_range(model.decode_indices(codes), settings.data.shift).numpy()
     print(f"Sampled {settings.num_samples} code maps of {grid}x{grid} and decoded them in "
           f"{time.perf_counter() - started:.1f} s")
@@ -744,7 +776,7 @@ def run(settings):
         return runs.finish_worker(own_folder)
 
     splits = data.load_splits(given.data, given.image_size, given.shift, given.batch_size,
-                              settings.demo)
+                              settings.demo, settings.verbose)
     heights = data.slice_heights(splits, prior_config.conditional)
     drawn_at = (data.sample_heights(settings.slice, settings.num_samples, splits.top_slice,
                                heights["test"]) if prior_config.conditional else None)
@@ -752,7 +784,7 @@ def run(settings):
         runs.save_model(train_vqvae(splits, settings, vq_checkpoints, strategy),
                         vq_checkpoints.keras_file)
     model = runs.load_finished("VQ-VAE", vq_checkpoints)
-    codes = {split: encode(model, splits.scaled(split)) for split in SPLIT_FOLDERS}
+    codes = encode_splits(model, splits, settings.verbose)
     if train_pcnn:
         runs.save_model(train_prior(codes, heights, settings, prior_checkpoints, strategy),
                         prior_checkpoints.keras_file)

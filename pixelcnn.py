@@ -892,7 +892,8 @@ class _GatedSteps(RasterSteps):
                 for name, rows in map_state.items()}
 
 
-def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, heights=None):
+def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, heights=None,
+                 rows_done=None):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
@@ -907,16 +908,18 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, height
         seed: integer; the same seed gives the same samples.
         heights: a conditional prior's relative heights in [0, 1], one per sample (None for an
             unconditional prior).
+        rows_done: None, or a function called with the number of rows drawn in every map so
+            far, after each row (a progress bar's update); the codes do not depend on it.
 
     Returns:
         int32 tensor (num_samples, h, w).
     """
-    return code_sampler(prior, grid_shape)(num_samples, temperature, seed, heights)
+    return code_sampler(prior, grid_shape, rows_done)(num_samples, temperature, seed, heights)
 
 
-def code_sampler(prior, grid_shape):
+def code_sampler(prior, grid_shape, rows_done=None):
     """`sample_codes` for one prior and grid, compiled once: (num_samples, temperature, seed,
-    heights) -> int32 code maps (num_samples, h, w)."""
+    heights) -> int32 code maps (num_samples, h, w), calling rows_done(rows) after each row."""
     height, width = grid_shape
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
     steps = (_GatedSteps if is_gated else _WindowedSteps)(prior, grid_shape)
@@ -934,6 +937,9 @@ def code_sampler(prior, grid_shape):
                 codes = _write_codes(codes, row, col, drawn)
                 row_state = steps.after_draw(row_state, row, col, drawn)
             map_state = steps.end_row(codes, row, map_state, conditions)
+            if rows_done is not None:
+                with tf.control_dependencies([codes]):  # once the row's codes are drawn
+                    tf.py_function(lambda done: rows_done(int(done)), [row + 1], [])
         return codes
 
     def sample(num_samples, temperature=1.0, seed=0, heights=None):

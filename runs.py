@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none"}
 FIGURE_DPI = 120
 # tf.image.ssim's Gaussian window is 11 pixels wide, and the code grid is smaller still.
 MIN_IMAGE_SIZE = 16
+# --verbose: what prints besides each stage's heading, the results and the errors: nothing,
+# one line per epoch and per finished step (for log files), or progress bars.
+QUIET, LINES, BARS = 0, 1, 2
 
 
 class PipelineError(Exception):
@@ -246,6 +250,7 @@ class Settings:
     strategy: str
     cpu_replicas: int
     mixed_precision: str
+    verbose: int  # QUIET, LINES or BARS
 
     @classmethod
     def from_flags(cls, flags):
@@ -427,6 +432,79 @@ class KeepBest(keras.callbacks.Callback):
             self.model.load_weights(self.path)
 
 
+class TrainingTimeEstimate(keras.callbacks.Callback):
+    """After the first epoch a run trains, prints how long the epochs left will take. The
+    epoch's first step, which compiles the training step, counts as long as a typical one."""
+
+    def on_train_begin(self, logs=None):
+        self.estimated = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = self.first_step_ended = self.last_step_ended = time.perf_counter()
+        self.steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.last_step_ended = time.perf_counter()
+        if self.steps == 0:
+            self.first_step_ended = self.last_step_ended
+        self.steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.estimated:
+            return
+        self.estimated = True
+        epoch_seconds = time.perf_counter() - self.started
+        if self.steps > 1:
+            typical_step = (self.last_step_ended - self.first_step_ended) / (self.steps - 1)
+            epoch_seconds -= self.first_step_ended - self.started - typical_step
+        left = self.params["epochs"] - epoch - 1
+        if left:
+            finish = time.strftime("%H:%M", time.localtime(time.time() + left * epoch_seconds))
+            print(f"{self.model.name}: about {duration(epoch_seconds)} per epoch; the {left} "
+                  f"epoch{'s' if left > 1 else ''} left end around {finish} "
+                  f"(in {duration(left * epoch_seconds)})")
+
+
+def duration(seconds):
+    """45 s, 12 min or 2.5 h."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def keras_verbose(verbose):
+    """Keras' verbose (of fit and Progbar) for ours: its 1 is a progress bar, its 2 one line per
+    epoch or finished bar."""
+    return {QUIET: 0, LINES: 2, BARS: 1}[verbose]
+
+
+def progress_bar(steps, verbose, unit="step"):
+    """A keras Progbar over `steps`: redrawn as they pass (BARS), one line when done (LINES),
+    or silent (QUIET)."""
+    return keras.utils.Progbar(steps, verbose=keras_verbose(verbose), unit_name=unit)
+
+
+class LinePerStep:
+    """Progress for a log file when each step is long (a sampled row): one line per finished
+    step, with the time left at the pace since the first, which includes compiling."""
+
+    def __init__(self, steps, unit):
+        self.steps, self.unit = steps, unit
+        self.started = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if done == 1:
+            self.first_done = now
+        line = f"{done}/{self.steps} {self.unit}s - {duration(now - self.started)}"
+        if 1 < done < self.steps:
+            left = (now - self.first_done) / (done - 1) * (self.steps - done)
+            line += f" - about {duration(left)} left"
+        print(line)
+
+
 def read_epochs(path):
     """The per-epoch logs a HistoryFile keeps: [{metric: value}, ...], [] before the first."""
     return json.loads(path.read_text()) if path.exists() else []
@@ -437,17 +515,22 @@ def by_metric(epochs):
     return {key: [epoch[key] for epoch in epochs] for key in epochs[0]} if epochs else None
 
 
-def fit(model, data, validation, epochs, checkpoints, log_dir, callbacks=()):
+def fit(model, data, validation, epochs, checkpoints, log_dir, callbacks=(), verbose=QUIET):
     """model.fit that resumes from the last finished epoch, keeps its history in a file and in
     TensorBoard logs, stops on a non-finite loss before that loss can reach a checkpoint and
-    ends with the weights of the best validation epoch."""
+    ends with the weights of the best validation epoch. Progress as --verbose says, with the
+    time the training will take once the first epoch is done."""
+    # Our ProgbarLogger, not the one fit appends last: the estimate then follows the epoch's line.
+    progress = ([keras.callbacks.ProgbarLogger(), TrainingTimeEstimate()]
+                if verbose != QUIET else [])
     return model.fit(
         data, validation_data=validation, epochs=epochs, shuffle=False,
+        verbose=keras_verbose(verbose),
         # KeepBest before HistoryFile: a kill between the two then loses no best epoch
         callbacks=[*callbacks, KeepBest(checkpoints.best, checkpoints.history),
                    HistoryFile(checkpoints.history), StopOnNonFiniteLoss(model.name),
                    keras.callbacks.TensorBoard(str(log_dir)),
-                   AtomicBackupAndRestore(str(checkpoints.backup))],
+                   AtomicBackupAndRestore(str(checkpoints.backup)), *progress],
     )
 
 
@@ -600,8 +683,13 @@ def needs_training(checkpoints, strategy):
     answer, so that all of them train the same models and enter the same collective ops."""
     chief_lacks = float(strategy.extended.should_checkpoint
                         and not checkpoints.keras_file.exists())
-    per_replica = strategy.run(lambda: tf.constant(chief_lacks))
-    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None) > 0)
+
+    @tf.function  # strategies warn that running eagerly is slow
+    def sum_over_replicas(value):
+        per_replica = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return bool(sum_over_replicas(tf.constant(chief_lacks)) > 0)
 
 
 def finish_worker(own_folder):
