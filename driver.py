@@ -334,7 +334,7 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
     samples_vs_reconstructions = evaluation.realism(reconstructions, samples, seed)
     reconstructions_vs_real = evaluation.realism(real, reconstructions, seed)
     samples_vs_train = evaluation.realism(train_reconstructions, samples, seed)
-    floors = realism_floors(train_real, real, train_reconstructions, seed)
+    floors = evaluation.realism_floors(train_real, real, train_reconstructions, seed)
     print(f"Realism tests (5 image sets, {3 + 1 + len(floors)} pairs, each two-sample test "
           f"under {evaluation.C2ST_REPEATS} seeds): {time.perf_counter() - started:.1f} s")
     metrics = {
@@ -345,8 +345,8 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
                 codes["test"], originals, num_embeddings),
             "brain_code_share": float(
                 evaluation.brain_code_positions(originals, codes["test"].shape[1:]).mean()),
-            **two_sample_metrics(reconstructions_vs_real, "c2st_reconstructions",
-                                 "anatomy_reconstructions"),
+            **evaluation.two_sample_metrics(reconstructions_vs_real, "c2st_reconstructions",
+                                            "anatomy_reconstructions"),
         },
         "pixelcnn": {
             "test_nll_bits": evaluation.prior_nll_bits(prior, codes["test"],
@@ -360,12 +360,13 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
             "n_samples": len(sampled.images),
             "n_train_compared": len(train_originals),
             **samples_vs_real,
-            **two_sample_metrics(samples_vs_reconstructions, "c2st_vs_reconstructions",
-                                 "anatomy_vs_reconstructions"),
-            **two_sample_metrics(samples_vs_train, "c2st_vs_train_reconstructions",
-                                 "anatomy_vs_train_reconstructions"),
-            **{key: value for name, result in floors.items()
-               for key, value in two_sample_metrics(result, name, f"anatomy_{name}").items()},
+            **evaluation.two_sample_metrics(samples_vs_reconstructions,
+                                            "c2st_vs_reconstructions",
+                                            "anatomy_vs_reconstructions"),
+            **evaluation.two_sample_metrics(samples_vs_train, "c2st_vs_train_reconstructions",
+                                            "anatomy_vs_train_reconstructions"),
+            **{key: value for name, result in floors.items() for key, value
+               in evaluation.two_sample_metrics(result, name, f"anatomy_{name}").items()},
             "touching_border": float(evaluation.touches_border(sampled.images).mean()),
             "real_touching_border": float(evaluation.touches_border(originals).mean()),
             "nn_ssim": float(evaluation.nearest_neighbour_ssim(
@@ -374,7 +375,7 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
         },
     }
     if sampled.heights is not None:
-        metrics["samples"].update(samples_by_height(
+        metrics["samples"].update(evaluation.samples_by_height(
             (originals, real, heights["test"]), (sampled.images, samples, sampled.heights), seed))
     statistics = {"real test slices": real["statistics"],
                   "reconstructions": reconstructions["statistics"],
@@ -394,89 +395,6 @@ def training_subset_reconstructions(model, train_pixels, num_samples, settings):
     batches = [scaled[start:start + given.batch_size]
                for start in range(0, len(scaled), given.batch_size)]
     return evaluation.reconstructions(model, batches, given.shift)
-
-
-def realism_floors(train_real, real, train_reconstructions, seed):
-    """{name: realism result} of the floors that the samples' scores are read against: real
-    training slices against real test slices (the split is by person), and two random halves
-    of the training slices' reconstructions. A floor the set sizes leave undefined is left out,
-    and why is printed."""
-    floors = {}
-    reason = evaluation.too_few_images(train_real["count"], real["count"])
-    if reason is None:
-        floors["floor_train_vs_test"] = evaluation.realism(real, train_real, seed)
-    else:
-        print(f"  samples.floor_train_vs_test: nan ({reason})")
-    half = train_reconstructions["count"] // 2
-    reason = evaluation.too_few_images(half, half)
-    if reason is None:
-        floors["floor_reconstruction_halves"] = evaluation.halves_realism(
-            train_reconstructions, seed)
-    else:
-        print(f"  samples.floor_reconstruction_halves: nan (halves of "
-              f"{train_reconstructions['count']} training reconstructions: {reason})")
-    return floors
-
-
-def two_sample_metrics(result, name, anatomy_name):
-    """A `realism` result as metrics: name (the mean accuracy), name_sd, name_stderr and
-    anatomy_name (the anatomy distances)."""
-    return {name: result["c2st_accuracy"], f"{name}_sd": result["c2st_sd"],
-            f"{name}_stderr": result["c2st_stderr"], anatomy_name: result["anatomy"]}
-
-
-def samples_by_height(real, sampled, seed):
-    """The realism test per height band, and how well the samples' brain area follows the real
-    slices' from bottom to top. `real` and `sampled` are (images, realism summary, heights)."""
-    (real_images, real_summary, real_heights), (images, summary, heights) = real, sampled
-    area = evaluation.brain_area_by_height(
-        real_summary["statistics"]["brain_area"], real_heights,
-        summary["statistics"]["brain_area"], heights)
-    if area["correlation_undefined"]:
-        print(f"  samples.brain_area_height_correlation: nan ({area['correlation_undefined']})")
-    return {"by_band": evaluation.realism_by_band(real_images, real_heights, images, heights,
-                                                  seed),
-            "brain_area_height_correlation": area["correlation"],
-            "brain_area_by_height": area["by_height"]}
-
-
-def print_metrics(metrics, prefix=""):
-    if not prefix:
-        print("\nTest-split evaluation")
-    for name, value in metrics.items():
-        if isinstance(value, dict):
-            print_metrics(value, f"{prefix}{name}.")
-        else:
-            print(f"  {prefix + name:<46} {value:10.4f}")
-    if not prefix:
-        print_beside_floors(metrics)
-
-
-# (metrics group, accuracy key, what it compares): the two-sample accuracies, then their floors
-TWO_SAMPLE_SCORES = (
-    ("samples", "c2st_accuracy", "samples vs real test slices"),
-    ("samples", "c2st_vs_reconstructions", "samples vs test reconstructions"),
-    ("samples", "c2st_vs_train_reconstructions", "samples vs training reconstructions"),
-    ("vqvae", "c2st_reconstructions", "test reconstructions vs real test slices"),
-    ("samples", "floor_train_vs_test", "floor: real training vs real test slices"),
-    ("samples", "floor_reconstruction_halves", "floor: two halves of training reconstructions"),
-)
-
-
-def print_beside_floors(metrics):
-    """Each two-sample accuracy as mean ± sd over the test's seeds, with one test's standard
-    error, above the floors it is read against."""
-    print(f"\nTwo-sample accuracy: mean ± sd over {evaluation.C2ST_REPEATS} seeds of the test "
-          "(folds and parts; the images fixed), and one test's standard error (the images' share)")
-    for group, key, label in TWO_SAMPLE_SCORES:
-        if key not in metrics[group]:
-            print(f"  {label:<48} nan (too few images, see above)")
-            continue
-        # samples vs real slices keep their original names: c2st_sd, c2st_stderr
-        stem = "c2st" if key == "c2st_accuracy" else key
-        values = metrics[group]
-        print(f"  {label:<48} {values[key]:.3f} ± {values[f'{stem}_sd']:.3f} "
-              f"(s.e. {values[f'{stem}_stderr']:.3f})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,7 +718,7 @@ def run(settings):
     write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
                                   for checkpoints in (vq_checkpoints, prior_checkpoints)],
                   sampled, codes, statistics, metrics, settings)
-    print_metrics(metrics)
+    evaluation.print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")
     print(f"Models: {vq_checkpoints.keras_file}, {prior_checkpoints.keras_file}")
 

@@ -601,3 +601,90 @@ def unigram_code_maps(counts, num_maps, grid_shape, seed):
     prior that learned nothing but the frequencies would draw (a control of the realism test)."""
     rng = np.random.default_rng(seed)
     return rng.choice(len(counts), size=(num_maps, *grid_shape), p=counts / counts.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# The realism results as metrics.json holds them, and as a run prints them
+
+
+def realism_floors(train_real, real, train_reconstructions, seed):
+    """{name: realism result} of the floors that the samples' scores are read against: real
+    training slices against real test slices (the split is by person), and two random halves
+    of the training slices' reconstructions. A floor the set sizes leave undefined is left out,
+    and why is printed."""
+    floors = {}
+    reason = too_few_images(train_real["count"], real["count"])
+    if reason is None:
+        floors["floor_train_vs_test"] = realism(real, train_real, seed)
+    else:
+        print(f"  samples.floor_train_vs_test: nan ({reason})")
+    half = train_reconstructions["count"] // 2
+    reason = too_few_images(half, half)
+    if reason is None:
+        floors["floor_reconstruction_halves"] = halves_realism(
+            train_reconstructions, seed)
+    else:
+        print(f"  samples.floor_reconstruction_halves: nan (halves of "
+              f"{train_reconstructions['count']} training reconstructions: {reason})")
+    return floors
+
+
+def two_sample_metrics(result, name, anatomy_name):
+    """A `realism` result as metrics: name (the mean accuracy), name_sd, name_stderr and
+    anatomy_name (the anatomy distances)."""
+    return {name: result["c2st_accuracy"], f"{name}_sd": result["c2st_sd"],
+            f"{name}_stderr": result["c2st_stderr"], anatomy_name: result["anatomy"]}
+
+
+def samples_by_height(real, sampled, seed):
+    """The realism test per height band, and how well the samples' brain area follows the real
+    slices' from bottom to top. `real` and `sampled` are (images, realism summary, heights)."""
+    (real_images, real_summary, real_heights), (images, summary, heights) = real, sampled
+    area = brain_area_by_height(
+        real_summary["statistics"]["brain_area"], real_heights,
+        summary["statistics"]["brain_area"], heights)
+    if area["correlation_undefined"]:
+        print(f"  samples.brain_area_height_correlation: nan ({area['correlation_undefined']})")
+    return {"by_band": realism_by_band(real_images, real_heights, images, heights,
+                                                  seed),
+            "brain_area_height_correlation": area["correlation"],
+            "brain_area_by_height": area["by_height"]}
+
+
+def print_metrics(metrics, prefix=""):
+    if not prefix:
+        print("\nTest-split evaluation")
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            print_metrics(value, f"{prefix}{name}.")
+        else:
+            print(f"  {prefix + name:<46} {value:10.4f}")
+    if not prefix:
+        print_beside_floors(metrics)
+
+
+# (metrics group, accuracy key, what it compares): the two-sample accuracies, then their floors
+TWO_SAMPLE_SCORES = (
+    ("samples", "c2st_accuracy", "samples vs real test slices"),
+    ("samples", "c2st_vs_reconstructions", "samples vs test reconstructions"),
+    ("samples", "c2st_vs_train_reconstructions", "samples vs training reconstructions"),
+    ("vqvae", "c2st_reconstructions", "test reconstructions vs real test slices"),
+    ("samples", "floor_train_vs_test", "floor: real training vs real test slices"),
+    ("samples", "floor_reconstruction_halves", "floor: two halves of training reconstructions"),
+)
+
+
+def print_beside_floors(metrics):
+    """Each two-sample accuracy as mean ± sd over the test's seeds, with one test's standard
+    error, above the floors it is read against."""
+    print(f"\nTwo-sample accuracy: mean ± sd over {C2ST_REPEATS} seeds of the test "
+          "(folds and parts; the images fixed), and one test's standard error (the images' share)")
+    for group, key, label in TWO_SAMPLE_SCORES:
+        if key not in metrics[group]:
+            print(f"  {label:<48} nan (too few images, see above)")
+            continue
+        # samples vs real slices keep their original names: c2st_sd, c2st_stderr
+        stem = "c2st" if key == "c2st_accuracy" else key
+        values = metrics[group]
+        print(f"  {label:<48} {values[key]:.3f} ± {values[f'{stem}_sd']:.3f} "
+              f"(s.e. {values[f'{stem}_stderr']:.3f})")

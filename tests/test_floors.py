@@ -9,7 +9,6 @@ import pytest
 from scipy import ndimage
 
 import data
-import driver
 import evaluation
 
 # What "different" and "same" mean, as tests/test_realism.py and the README state them.
@@ -127,7 +126,7 @@ def test_an_undefined_floor_says_why_and_is_left_out(capsys):
     rng = np.random.default_rng(0)
     real = evaluation.realism_summary(evaluation.tadpoles(12, 32, rng))
     too_few = evaluation.realism_summary(evaluation.tadpoles(16, 32, rng))  # halves of 8
-    floors = driver.realism_floors(too_few, real, too_few, seed=0)
+    floors = evaluation.realism_floors(too_few, real, too_few, seed=0)
     assert list(floors) == ["floor_train_vs_test"]
     printed = capsys.readouterr().out
     assert "samples.floor_reconstruction_halves: nan" in printed
@@ -166,7 +165,7 @@ def test_the_accuracies_are_printed_beside_their_floors(capsys):
                    for end, value in (("", 0.7), ("_sd", 0.02), ("_stderr", 0.05))})
     vq = {"c2st_reconstructions": 1.0, "c2st_reconstructions_sd": 0.0,
           "c2st_reconstructions_stderr": 0.0}
-    driver.print_beside_floors({"samples": scores, "vqvae": vq})
+    evaluation.print_beside_floors({"samples": scores, "vqvae": vq})
     printed = capsys.readouterr().out
     assert "samples vs real test slices" in printed and "0.900 ± 0.010 (s.e. 0.040)" in printed
     assert "floor: real training vs real test slices" in printed
