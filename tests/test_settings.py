@@ -33,6 +33,8 @@ def test_demo_resolves_to_its_defaults_and_explicit_flags_win():
     demo = driver.parse_args(["--demo"]).flat()
     expected = {name: runs.portable(value) for name, value in driver.demo_defaults().items()}
     assert {name: demo[name] for name in expected} == expected
+    changed = {name for name, value in driver.parse_args([]).flat().items() if demo[name] != value}
+    assert changed == set(expected) | {"demo", "checkpoint_dir"}
     assert driver.parse_args(["--demo", "--epochs", "3"]).vqvae.epochs == 3
 
 
