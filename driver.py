@@ -369,8 +369,7 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
                in evaluation.two_sample_metrics(result, name, f"anatomy_{name}").items()},
             "touching_border": float(evaluation.touches_border(sampled.images).mean()),
             "real_touching_border": float(evaluation.touches_border(originals).mean()),
-            "nn_ssim": float(evaluation.nearest_neighbour_ssim(
-                sampled.images, train_pixels).mean()),
+            **evaluation.memorisation(sampled.images, originals, train_pixels),
             "pairwise_ssim": evaluation.pairwise_ssim(sampled.images, seed),
         },
     }
@@ -637,6 +636,36 @@ def plot_samples_by_slice(real, real_heights, samples, sample_heights, path):
     return fig
 
 
+MEMORISATION_SHOWN = 6  # samples in memorisation.png
+
+
+def plot_memorisation(samples, nearest, scores, test_threshold, path):
+    """Samples beside their nearest training slices, each pair titled with its SSIM; a pair
+    above `test_threshold`, the SSIM that few real test slices reach, counts as memorised."""
+    pairs = len(samples)
+    columns = math.ceil(pairs / 2)  # two rows of (sample, nearest) pairs
+    fig = Figure(figsize=(FIGURE_WIDTH, FIGURE_WIDTH / (2 * columns) * 2 + 0.9),
+                 layout="constrained")
+    axes = fig.subplots(2, 2 * columns, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for pair, (sample, neighbour, score) in enumerate(zip(samples, nearest, scores)):
+        sample_ax, neighbour_ax = axes[pair // columns, 2 * (pair % columns):][:2]
+        sample_ax.imshow(sample[..., 0], cmap="gray", vmin=0, vmax=1)
+        neighbour_ax.imshow(neighbour[..., 0], cmap="gray", vmin=0, vmax=1)
+        sample_ax.text(0.02, 0.02, f"SSIM {score:.3f}", va="bottom", fontsize="small",
+                       color="red" if score > test_threshold else "white",
+                       transform=sample_ax.transAxes)
+        sample_ax.set_title("sample", fontsize="small")
+        neighbour_ax.set_title("nearest training", fontsize="small")
+    fig.suptitle(f"The samples nearest to a training slice; SSIM in red above "
+                 f"{test_threshold:.3f},\nwhich only "
+                 f"{100 - evaluation.MEMORISATION_PERCENTILE}% of real test slices reach with "
+                 "theirs (samples.test_nn_ssim_p99)", fontsize="medium")
+    save_figure(fig, path)
+    return fig
+
+
 def write_figures(model, splits, histories, sampled, codes, statistics, metrics, settings):
     """The figures of a run; `histories` holds the VQ-VAE's and the prior's per-epoch logs
     ({metric: [value per epoch]}, None for checkpoints without a history file)."""
@@ -665,6 +694,9 @@ def write_figures(model, splits, histories, sampled, codes, statistics, metrics,
     plot_codebook_usage(evaluation.code_counts(codes["test"], num_embeddings),
                         out / "codebook_usage.png")
     plot_realism(statistics, metrics["samples"]["anatomy"], out / "realism.png")
+    plot_memorisation(*evaluation.most_memorised(sampled.images, splits.pixels("train"),
+                                                 MEMORISATION_SHOWN),
+                      metrics["samples"]["test_nn_ssim_p99"], out / "memorisation.png")
 
 
 # ---------------------------------------------------------------------------------------------

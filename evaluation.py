@@ -77,6 +77,10 @@ HEIGHT_BANDS = ("low", "middle", "high")
 NEIGHBOUR_SEARCH_SIZE = 32
 NEIGHBOUR_CANDIDATES = 4
 NEIGHBOUR_CHUNK = 512  # training images converted to float at a time
+# A sample counts as memorised when it is nearer its nearest training slice (by SSIM) than this
+# percentile of the real test slices are to theirs: test slices are other people's, so their
+# nearest training slices show what "not a copy" looks like. The key test_nn_ssim_p99 names it.
+MEMORISATION_PERCENTILE = 99
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,19 +182,59 @@ def resized(images, size):
 
 def nearest_neighbour_ssim(samples, training_pixels):
     """For each sample (N, H, W, 1) in [0, 1], its SSIM to the nearest training image (uint8
-    pixels as stored, so that OASIS's 9,664 slices take a quarter of float32's memory): the few
-    nearest by pixel distance at a coarse size are scored by SSIM at full size, since scoring
-    every pair would take hours on OASIS. Near 1 would mean the prior copies training slices."""
-    training_images = lambda indices: training_pixels[indices].astype("float32") / 255  # noqa: E731
+    pixels as stored, so that OASIS's 9,664 slices take a quarter of float32's memory). Near 1
+    would mean the prior copies training slices."""
+    return nearest_training_images(samples, training_pixels)[0]
+
+
+def training_images(training_pixels, indices):
+    """Training images at `indices` in [0, 1] from their uint8 pixels."""
+    return training_pixels[indices].astype("float32") / 255
+
+
+def nearest_training_images(samples, training_pixels):
+    """For each sample (N, H, W, 1) in [0, 1], the SSIM to its nearest training image and that
+    image's index: the few nearest by pixel distance at a coarse size are scored by SSIM at full
+    size, since scoring every pair would take hours on OASIS."""
     coarse = lambda x: resized(x, NEIGHBOUR_SEARCH_SIZE).reshape(len(x), -1)  # noqa: E731
     s = coarse(samples)
-    t = np.concatenate([coarse(training_images(slice(start, start + NEIGHBOUR_CHUNK)))
-                        for start in range(0, len(training_pixels), NEIGHBOUR_CHUNK)])
+    t = np.concatenate([
+        coarse(training_images(training_pixels, slice(start, start + NEIGHBOUR_CHUNK)))
+        for start in range(0, len(training_pixels), NEIGHBOUR_CHUNK)])
     distances = (s**2).sum(1)[:, None] - 2 * s @ t.T + (t**2).sum(1)  # (S, T)
     candidates = np.argsort(distances, axis=1)[:, :NEIGHBOUR_CANDIDATES]
-    scores = [ssim(np.repeat(sample[None], len(nearest), 0), training_images(nearest)).numpy()
-              for sample, nearest in zip(samples, candidates)]
-    return np.max(scores, axis=1)
+    scores = np.array([
+        ssim(np.repeat(sample[None], len(nearest), 0),
+             training_images(training_pixels, nearest)).numpy()
+        for sample, nearest in zip(samples, candidates)])  # (S, NEIGHBOUR_CANDIDATES)
+    best = np.argmax(scores, axis=1)
+    rows = np.arange(len(best))
+    return scores[rows, best], candidates[rows, best]
+
+
+def memorisation(samples, test_images, training_pixels):
+    """Whether the prior copies its training slices, which would pass every realism test: the
+    samples' SSIM to their nearest training slices beside the real test slices' (the floor).
+    Images in [0, 1], training slices as uint8 pixels.
+
+    Returns nn_ssim and test_nn_ssim (the means), test_nn_ssim_p99 (the test slices'
+    MEMORISATION_PERCENTILE) and memorised_share: the share of samples nearer a training slice
+    than that, about 1 - MEMORISATION_PERCENTILE / 100 for samples as new as test slices.
+    """
+    sample_scores = nearest_neighbour_ssim(samples, training_pixels)
+    test_scores = nearest_neighbour_ssim(test_images, training_pixels)
+    threshold = float(np.percentile(test_scores, MEMORISATION_PERCENTILE))
+    return {"nn_ssim": float(sample_scores.mean()), "test_nn_ssim": float(test_scores.mean()),
+            "test_nn_ssim_p99": threshold,
+            "memorised_share": float((sample_scores > threshold).mean())}
+
+
+def most_memorised(samples, training_pixels, count):
+    """The `count` samples nearest to a training slice by SSIM, most similar first: (samples,
+    their nearest training images in [0, 1], the SSIMs)."""
+    scores, nearest = nearest_training_images(samples, training_pixels)
+    shown = np.argsort(-scores)[:count]
+    return samples[shown], training_images(training_pixels, nearest[shown]), scores[shown]
 
 
 def pairwise_ssim(samples, seed):
