@@ -1,7 +1,7 @@
 """Times the naive sampler (one `predict` on the whole map per code, as in the seed) against
 `pixelcnn.sample_codes` on the same prior, and checks that both draw the same codes.
 
-    python driver.py --demo                 # trains and saves checkpoints/pixelcnn.keras
+    python driver.py --demo                 # trains and saves resources/demo/checkpoints/pixelcnn.keras
     python benchmarks/sampling.py           # then this; ends with one line "speedup: N.Nx"
     python benchmarks/sampling.py --random-prior 512 64 8 4 --grid 32 --naive-codes 64
                                             # an untrained dilated gated prior at 256x256's grid
@@ -31,7 +31,8 @@ DEMO = SETTINGS["demo"]
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/pixelcnn.keras"),
+    parser.add_argument("--checkpoint", type=Path,
+                        default=Path("resources/demo/checkpoints/pixelcnn.keras"),
                         help="trained prior (default: %(default)s, from python driver.py --demo)")
     parser.add_argument("--random-prior", type=int, nargs=4,
                         metavar=("K", "FILTERS", "BLOCKS", "CYCLE"),
