@@ -1,7 +1,7 @@
 """Times the naive sampler (one `predict` on the whole map per code, as in the seed) against
 `pixelcnn.sample_codes` on the same prior, and checks that both draw the same codes.
 
-    python driver.py --demo                 # trains and saves resources/demo/checkpoints/pixelcnn.keras
+    python driver.py --demo                 # trains resources/demo/checkpoints/pixelcnn.keras
     python benchmarks/sampling.py           # then this; ends with one line "speedup: N.Nx"
     python benchmarks/sampling.py --random-prior 512 64 8 4 --grid 32 --naive-codes 64
                                             # an untrained dilated gated prior at 256x256's grid
