@@ -729,7 +729,7 @@ def run(settings):
                               settings.demo, settings.verbose)
     heights = data.slice_heights(splits, prior_config.conditional)
     drawn_at = (data.sample_heights(settings.slice, settings.num_samples, splits.top_slice,
-                               heights["test"]) if prior_config.conditional else None)
+                                    heights["test"]) if prior_config.conditional else None)
     if train_vq:
         runs.save_model(train_vqvae(splits, settings, vq_checkpoints, strategy),
                         vq_checkpoints.keras_file)
