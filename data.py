@@ -214,6 +214,26 @@ def slice_heights(splits, conditional):
     return {split: splits.heights(split) if conditional else None for split in SPLIT_FOLDERS}
 
 
+def encode(model, images, progress=None):
+    """Code maps (N, h, w) of a batched image dataset, computed once; `progress` (a Progbar)
+    advances by one per batch."""
+    codes = []
+    for batch in images:
+        codes.append(model.encode_to_indices(batch).numpy())
+        if progress is not None:
+            progress.add(1)
+    return np.concatenate(codes)
+
+
+def code_maps(model, splits, verbose):
+    """{split: its code maps (N, h, w)}, with one progress bar over every split's batches."""
+    if verbose != QUIET:
+        print(f"Encoding the {', '.join(SPLIT_FOLDERS)} images to code maps")
+    batches = {split: splits.scaled(split) for split in SPLIT_FOLDERS}
+    progress = progress_bar(sum(int(b.cardinality()) for b in batches.values()), verbose,
+                            unit="batch")
+    return {split: encode(model, images, progress) for split, images in batches.items()}
+
 def code_dataset(codes, heights, batch_size, seed=None):
     """(codes, codes) pairs, or ((codes, heights), codes) for a conditional prior (heights not
     None); shuffled each epoch when a seed is given."""

@@ -63,8 +63,7 @@ import evaluation  # noqa: E402
 import pixelcnn  # noqa: E402
 import runs  # noqa: E402
 import vqvae  # noqa: E402
-from data import SPLIT_FOLDERS  # noqa: E402
-from runs import DataConfig, PipelineError, PriorConfig, Settings, VQVAEConfig  # noqa: E402
+from runs import PipelineError, Settings  # noqa: E402
 from runs import save_figure  # noqa: E402
 
 FIGURE_EXAMPLES = 6  # images in codebook_results.png
@@ -84,80 +83,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def slice_list(text):
-    """--slice: comma-separated heights or slice indices. A value with a '.' is a relative
-    height in [0, 1] (a float); a plain integer is a slice index (an int), which
-    `data.sample_heights` converts with the data set's slices per case."""
-    height = runs.checked(float, lambda v: 0 <= v <= 1, "a height in [0, 1] such as 0.5")
-    index = runs.checked(int, lambda v: v >= 0, "a slice index >= 0 or a height such as 0.5")
-    return [height(value) if "." in value else index(value) for value in text.split(",")]
-
-
 def build_parser():
-    """The flags: one per field of the three configs (runs.py), then how to sample, on what
-    hardware and where to write."""
+    """The flags: one per setting of runs.py, grouped by what they change, and --demo."""
     parser = OneLineParser(
         prog="driver.py",
         description="Train a VQ-VAE and a PixelCNN prior on brain MRI slices and sample brains.",
     )
+    groups = {title: parser.add_argument_group(title) for title, _ in runs.flag_groups()}
+    for title, fields in runs.flag_groups():
+        runs.add_flags(groups[title], fields)
     demo = ", ".join(f"--{name.replace('_', '-')} {runs.portable(value)}"
                      for name, value in demo_defaults().items())
-    group = parser.add_argument_group("data and training (both models)")
-    runs.add_flags(group, DataConfig)
-    group.add_argument("--demo", action="store_true",
-                       help=f"the bundled demo slices, with settings that finish in minutes on a "
-                            f"CPU ({demo}); flags given explicitly still win")
-    runs.add_flags(parser.add_argument_group("VQ-VAE"), VQVAEConfig)
-    runs.add_flags(parser.add_argument_group("PixelCNN prior"), PriorConfig)
-
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--num-samples", type=runs.positive_int, default=runs.DEFAULT_SAMPLES,
-                       help="code maps to sample, decode and save as PNGs; the realism test "
-                            f"needs at least {evaluation.MIN_IMAGES_PER_SET} "
-                            "(default: %(default)s)")
-    group.add_argument("--temperature", type=runs.positive_float, default=1.0,
-                       help="sampling temperature: logits are divided by it "
-                            "(default: %(default)s)")
-    group.add_argument("--slice", type=slice_list, default=None,
-                       help="heights to sample with --condition slice: one or a comma-separated "
-                            "list of relative heights (0.2,0.5,0.8; values with a '.') or slice "
-                            "indices (3,4; plain integers); the samples are spread over them in "
-                            "order (default: the test slices' heights, evenly over their "
-                            "sorted list)")
-
-    group = parser.add_argument_group("hardware")
-    group.add_argument("--strategy", choices=("auto", "mirrored", "multiworker"), default="auto",
-                       help="auto: all local GPUs if there are several, else the default "
-                            "device; mirrored: tf.distribute.MirroredStrategy over local GPUs; "
-                            "multiworker: MultiWorkerMirroredStrategy configured by TF_CONFIG "
-                            "(default: %(default)s)")
-    group.add_argument("--cpu-replicas", type=runs.positive_int, default=1,
-                       help="with --strategy mirrored: split the CPU into this many devices, "
-                            "one replica each, to try the distributed path without GPUs "
-                            "(default: %(default)s)")
-    group.add_argument("--mixed-precision", choices=("off", "float16", "bfloat16"),
-                       default="off",
-                       help="compute in 16 bits with float32 weights (float16 with loss "
-                            "scaling); for GPUs: it slows CPUs down (default: %(default)s)")
-
-    group = parser.add_argument_group("output and run control")
-    group.add_argument("--out", type=Path, default=Path("resources/oasis"),
-                       help="folder for the samples, figures and metrics.json "
-                            "(default: %(default)s)")
-    group.add_argument("--checkpoint-dir", type=Path,
-                       help="folder for trained models and resumable state, one per run "
-                            "(default: checkpoints/ in --out)")
-    group.add_argument("--evaluate", action="store_true",
-                       help="skip training: load the models in --checkpoint-dir and recompute "
-                            "metrics and figures")
-    group.add_argument("--fresh", action="store_true",
-                       help="ignore and replace checkpoints of an earlier run instead of resuming")
-    group.add_argument("--verbose", type=int, choices=(runs.QUIET, runs.LINES, runs.BARS),
-                       default=runs.BARS if sys.stdout.isatty() else runs.LINES,
-                       help="progress: 0 none (stage headings, results and errors only); 1 one "
-                            "line per epoch and per finished step, for log files; 2 progress "
-                            "bars redrawn in place (default: 2 when printing to a terminal, "
-                            "else 1)")
+    groups[runs.DATA_FLAGS].add_argument(
+        "--demo", action="store_true",
+        help=f"the bundled demo slices, with settings that finish in minutes on a CPU ({demo}); "
+             "flags given explicitly still win")
     return parser
 
 
@@ -173,29 +113,9 @@ def parse_args(argv=None):
         parser.set_defaults(**demo_defaults())
         args = parser.parse_args(argv)
     settings = Settings.from_flags(args)
-    for flag, problem in refusals(settings):
+    for flag, problem in settings.refusals():
         parser.error(f"argument {flag}: {problem}")
     return settings
-
-
-def refusals(settings):
-    """(flag, problem) for each impossible combination of settings."""
-    data_config, vq, prior = settings.data, settings.vqvae, settings.prior
-    if data_config.image_size % vq.downsample:
-        yield "--image-size", (f"{data_config.image_size} is not a multiple of --downsample "
-                               f"{vq.downsample}")
-    if settings.num_samples < evaluation.MIN_IMAGES_PER_SET:
-        yield "--num-samples", (f"expected an integer >= {evaluation.MIN_IMAGES_PER_SET} (the "
-                                f"realism test's {evaluation.C2ST_FOLDS}-fold cross-validation), "
-                                f"got {settings.num_samples}")
-    if settings.cpu_replicas > 1 and settings.strategy != "mirrored":
-        yield "--cpu-replicas", "only --strategy mirrored splits the CPU"
-    if prior.condition != "none" and prior.pcnn_type != "gated":
-        yield "--condition", f"{prior.condition} needs --pcnn-type gated"
-    if prior.pcnn_positions != "none" and prior.pcnn_type != "gated":
-        yield "--pcnn-positions", f"{prior.pcnn_positions} needs --pcnn-type gated"
-    if settings.slice is not None and not prior.conditional:
-        yield "--slice", "only a prior with --condition slice takes heights"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +135,7 @@ class ValidationQuality(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         originals, reconstructed = evaluation.reconstructions(self.model, self.images, self.shift)
         logs["val_ssim"] = evaluation.reconstruction_metrics(originals, reconstructed)["test_ssim"]
-        counts = evaluation.code_counts(encode(self.model, self.images),
+        counts = evaluation.code_counts(data.encode(self.model, self.images),
                                         self.model.num_embeddings)
         logs.update({f"val_{name}": value
                      for name, value in evaluation.codebook_metrics(counts).items()})
@@ -239,27 +159,6 @@ def train_vqvae(splits, settings, checkpoints, strategy):
              callbacks=[ValidationQuality(splits.scaled("validate"), given.shift)],
              verbose=settings.verbose)
     return model
-
-
-def encode(model, images, progress=None):
-    """Code maps (N, h, w) of a batched image dataset, computed once; `progress` (a Progbar)
-    advances by one per batch."""
-    codes = []
-    for batch in images:
-        codes.append(model.encode_to_indices(batch).numpy())
-        if progress is not None:
-            progress.add(1)
-    return np.concatenate(codes)
-
-
-def encode_splits(model, splits, verbose):
-    """{split: its code maps (N, h, w)}, with one progress bar over every split's batches."""
-    if verbose != runs.QUIET:
-        print(f"Encoding the {', '.join(SPLIT_FOLDERS)} images to code maps")
-    batches = {split: splits.scaled(split) for split in SPLIT_FOLDERS}
-    progress = runs.progress_bar(sum(int(b.cardinality()) for b in batches.values()), verbose,
-                                 unit="batch")
-    return {split: encode(model, images, progress) for split, images in batches.items()}
 
 
 def train_prior(codes, heights, settings, checkpoints, strategy):
@@ -734,7 +633,7 @@ def run(settings):
         runs.save_model(train_vqvae(splits, settings, vq_checkpoints, strategy),
                         vq_checkpoints.keras_file)
     model = runs.load_finished("VQ-VAE", vq_checkpoints)
-    codes = encode_splits(model, splits, settings.verbose)
+    codes = data.code_maps(model, splits, settings.verbose)
     if train_pcnn:
         runs.save_model(train_prior(codes, heights, settings, prior_checkpoints, strategy),
                         prior_checkpoints.keras_file)

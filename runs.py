@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+import evaluation
 import pixelcnn
 import vqvae
 
@@ -77,10 +79,21 @@ square_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_I
 power_of_two = checked(int, lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2")
 
 
-def setting(default, help, type=None, choices=None, alias=None):
-    """A config field that is also a flag: --name-with-hyphens (and an older spelling, alias),
-    parsed by `type` or one of `choices`, explained by `help`."""
-    flag = {"help": help, "type": type, "choices": choices, "alias": alias}
+def slice_list(text):
+    """--slice: comma-separated heights or slice indices. A value with a '.' is a relative
+    height in [0, 1] (a float); a plain integer is a slice index (an int), which
+    `data.sample_heights` converts with the data set's slices per case."""
+    height = checked(float, lambda v: 0 <= v <= 1, "a height in [0, 1] such as 0.5")
+    index = checked(int, lambda v: v >= 0, "a slice index >= 0 or a height such as 0.5")
+    return [height(value) if "." in value else index(value) for value in text.split(",")]
+
+
+def setting(default, help, type=None, choices=None, alias=None, action=None, group=None):
+    """A field that is also a flag: --name-with-hyphens (and an older spelling, alias), parsed
+    by `type` or one of `choices` (or an argparse `action`), explained by `help`, shown in -h
+    under `group` (the configs' fields under their config's)."""
+    flag = {"help": help, "type": type, "choices": choices, "alias": alias, "action": action,
+            "group": group}
     return dataclasses.field(default=default, metadata=flag)
 
 
@@ -183,20 +196,31 @@ class PriorConfig:
 
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices.
 DEFAULT_SAMPLES = 256
+DATA_FLAGS = "data and training (both models)"
 # Settings' fields that hold the configs of the models, whose fields settings.json keeps.
 MODEL_CONFIGS = ("data", "vqvae", "prior")
 
 
-def add_flags(group, config_class, defaults=None):
-    """One flag per field of config_class in an argparse group; `defaults` (a dict) overrides
-    the config's own."""
-    for field in dataclasses.fields(config_class):
+def add_flags(group, fields):
+    """One flag in an argparse group per field (dataclasses.Field made by `setting`)."""
+    for field in fields:
         flag = field.metadata
         names = [f"--{field.name.replace('_', '-')}"] + ([flag["alias"]] if flag["alias"] else [])
-        default = (defaults or {}).get(field.name, field.default)
-        shown = "" if default is None else " (default: %(default)s)"
-        group.add_argument(*names, dest=field.name, default=default, type=flag["type"],
-                           choices=flag["choices"], help=flag["help"] + shown)
+        unshown = field.default is None or flag["action"]  # a switch is off unless given
+        shown = "" if unshown else " (default: %(default)s)"
+        parsing = {key: flag[key] for key in ("type", "choices", "action") if flag[key]}
+        group.add_argument(*names, dest=field.name, default=field.default,
+                           help=flag["help"] + shown, **parsing)
+
+
+def flag_groups():
+    """(title, fields) of driver.py's flags, in the order -h shows them."""
+    yield DATA_FLAGS, dataclasses.fields(DataConfig)
+    yield "VQ-VAE", dataclasses.fields(VQVAEConfig)
+    yield "PixelCNN prior", dataclasses.fields(PriorConfig)
+    for title in ("sampling", "hardware", "output and run control"):
+        yield title, [field for field in dataclasses.fields(Settings)
+                      if field.metadata.get("group") == title]
 
 
 def from_flags(config_class, flags):
@@ -233,24 +257,59 @@ def saved_settings(folder):
 
 @dataclass(frozen=True)
 class Settings:
-    """A run's settings: what the models are (the three configs) and how to sample, where to
-    write and on what hardware."""
+    """A run's settings: what the models are (the three configs) and how to sample, on what
+    hardware and where to write."""
 
     data: DataConfig
     vqvae: VQVAEConfig
     prior: PriorConfig
-    num_samples: int
-    temperature: float
-    slice: list  # heights or slice indices to sample at, or None: the test slices' heights
-    out: Path
-    checkpoint_dir: Path
-    evaluate: bool
-    fresh: bool
-    demo: bool
-    strategy: str
-    cpu_replicas: int
-    mixed_precision: str
-    verbose: int  # QUIET, LINES or BARS
+    demo: bool = False  # a flag of its own in driver.py, whose help lists what it sets
+
+    num_samples: int = setting(
+        DEFAULT_SAMPLES, type=positive_int, group="sampling",
+        help="code maps to sample, decode and save as PNGs; the realism test needs at least "
+             f"{evaluation.MIN_IMAGES_PER_SET}")
+    temperature: float = setting(1.0, type=positive_float, group="sampling",
+                                 help="sampling temperature: logits are divided by it")
+    slice: list = setting(
+        None, type=slice_list, group="sampling",
+        help="heights to sample with --condition slice: one or a comma-separated list of "
+             "relative heights (0.2,0.5,0.8; values with a '.') or slice indices (3,4; plain "
+             "integers); the samples are spread over them in order (default: the test slices' "
+             "heights, evenly over their sorted list)")
+
+    strategy: str = setting(
+        "auto", choices=("auto", "mirrored", "multiworker"), group="hardware",
+        help="auto: all local GPUs if there are several, else the default device; mirrored: "
+             "tf.distribute.MirroredStrategy over local GPUs; multiworker: "
+             "MultiWorkerMirroredStrategy configured by TF_CONFIG")
+    cpu_replicas: int = setting(
+        1, type=positive_int, group="hardware",
+        help="with --strategy mirrored: split the CPU into this many devices, one replica "
+             "each, to try the distributed path without GPUs")
+    mixed_precision: str = setting(
+        "off", choices=("off", "float16", "bfloat16"), group="hardware",
+        help="compute in 16 bits with float32 weights (float16 with loss scaling); for GPUs: "
+             "it slows CPUs down")
+
+    out: Path = setting(Path("resources/oasis"), type=Path, group="output and run control",
+                        help="folder for the samples, figures and metrics.json")
+    checkpoint_dir: Path = setting(
+        None, type=Path, group="output and run control",
+        help="folder for trained models and resumable state, one per run (default: "
+             "checkpoints/ in --out)")
+    evaluate: bool = setting(
+        False, action="store_true", group="output and run control",
+        help="skip training: load the models in --checkpoint-dir and recompute metrics and "
+             "figures")
+    fresh: bool = setting(
+        False, action="store_true", group="output and run control",
+        help="ignore and replace checkpoints of an earlier run instead of resuming")
+    verbose: int = setting(
+        None, type=int, choices=(QUIET, LINES, BARS), group="output and run control",
+        help="progress: 0 none (stage headings, results and errors only); 1 one line per "
+             "epoch and per finished step, for log files; 2 progress bars redrawn in place "
+             "(default: 2 when printing to a terminal, else 1)")
 
     @classmethod
     def from_flags(cls, flags):
@@ -258,6 +317,8 @@ class Settings:
         options = {field.name: getattr(flags, field.name) for field in dataclasses.fields(cls)
                    if field.name not in MODEL_CONFIGS}
         options["checkpoint_dir"] = options["checkpoint_dir"] or options["out"] / "checkpoints"
+        if options["verbose"] is None:
+            options["verbose"] = BARS if sys.stdout.isatty() else LINES
         return cls(data=from_flags(DataConfig, flags), vqvae=from_flags(VQVAEConfig, flags),
                    prior=from_flags(PriorConfig, flags), **options)
 
@@ -281,6 +342,25 @@ class Settings:
         return dataclasses.replace(self, data=from_flags(DataConfig, saved),
                                    vqvae=from_flags(VQVAEConfig, saved),
                                    prior=from_flags(PriorConfig, saved))
+
+    def refusals(self):
+        """(flag, problem) for each impossible combination of settings."""
+        data, vq, prior = self.data, self.vqvae, self.prior
+        if data.image_size % vq.downsample:
+            yield "--image-size", (f"{data.image_size} is not a multiple of --downsample "
+                                   f"{vq.downsample}")
+        if self.num_samples < evaluation.MIN_IMAGES_PER_SET:
+            yield "--num-samples", (f"expected an integer >= {evaluation.MIN_IMAGES_PER_SET} "
+                                    f"(the realism test's {evaluation.C2ST_FOLDS}-fold "
+                                    f"cross-validation), got {self.num_samples}")
+        if self.cpu_replicas > 1 and self.strategy != "mirrored":
+            yield "--cpu-replicas", "only --strategy mirrored splits the CPU"
+        if prior.condition != "none" and prior.pcnn_type != "gated":
+            yield "--condition", f"{prior.condition} needs --pcnn-type gated"
+        if prior.pcnn_positions != "none" and prior.pcnn_type != "gated":
+            yield "--pcnn-positions", f"{prior.pcnn_positions} needs --pcnn-type gated"
+        if self.slice is not None and not prior.conditional:
+            yield "--slice", "only a prior with --condition slice takes heights"
 
 
 # ---------------------------------------------------------------------------------------------
