@@ -34,6 +34,9 @@ BLOCK_KERNEL = 3
 # The height embedding interpolates between learned vectors at this many evenly spaced heights:
 # the demo's 8 heights per case each get their own, OASIS's 32 share them with their neighbours.
 HEIGHT_KNOTS = 8
+# Residual blocks over the top codes in a prior conditioned on them: rosinality's VQ-VAE-2 bottom
+# prior runs three.
+TOP_BLOCKS = 3
 
 
 def causal_mask(kernel_height, kernel_width, mask_type):
@@ -294,6 +297,88 @@ class AddCondition(layers.Layer):
         return x + ops.cast(projected_height, x.dtype)[:, None, None, :]
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TopCodeStack(layers.Layer):
+    """Top code maps (B, th, tw) -> features (B, th, tw, filters): a learned embedding, then
+    residual blocks of unmasked 3x3 convolutions, VQ-VAE-2's conditioning stack for the bottom
+    prior. Unmasked: the whole top map is drawn before any bottom code, so every bottom code may
+    read all of it. It reads no bottom code, so it adds nothing to the reach over them.
+
+    Args:
+        num_embeddings: K of the top level's codebook.
+        filters: channels of the embedding and of every block.
+        residual_blocks: how many blocks ReLU, 3x3 conv, ReLU, 1x1 conv, each added to its input.
+    """
+
+    rows_above, columns_left, columns_right = 0, 0, 0
+
+    def __init__(self, num_embeddings, filters, residual_blocks, **kwargs):
+        super().__init__(**kwargs)
+        self.num_embeddings = num_embeddings
+        self.filters = filters
+        self.residual_blocks = residual_blocks
+        self.embedding = layers.Embedding(num_embeddings, filters, name="embedding")
+        self.blocks = [
+            (layers.Conv2D(filters, BLOCK_KERNEL, padding="same", name=f"res{i + 1}_conv1"),
+             layers.Conv2D(filters, 1, name=f"res{i + 1}_conv2"))
+            for i in range(residual_blocks)
+        ]
+
+    def build(self, input_shape):
+        self.embedding.build(input_shape)
+        features_shape = (*input_shape, self.filters)
+        for conv1, conv2 in self.blocks:
+            conv1.build(features_shape)
+            conv2.build(features_shape)
+
+    def call(self, top_codes):
+        x = self.embedding(top_codes)
+        for conv1, conv2 in self.blocks:
+            x = x + conv2(ops.relu(conv1(ops.relu(x))))
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_embeddings=self.num_embeddings, filters=self.filters,
+                      residual_blocks=self.residual_blocks)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class NearestUpsample(layers.Layer):
+    """Top features (B, th, tw, F) -> the same on the bottom grid (B, h, w, F), each top position's
+    features repeated over the bottom positions it covers (nearest-neighbour upsampling, as
+    rosinality's VQ-VAE-2 bottom prior does). Called with the embedded bottom codes, only for
+    their grid: it reads no bottom code, so it adds nothing to the reach over them."""
+
+    rows_above, columns_left, columns_right = 0, 0, 0
+
+    def call(self, features, bottom):
+        return self.to_grid(features, ops.shape(bottom)[1:3])
+
+    def to_grid(self, features, grid_shape):
+        """The features repeated onto a grid (h, w) that is a whole multiple of theirs."""
+        if all(isinstance(size, int) for size in (*grid_shape, *features.shape[1:3])):
+            check_multiple(grid_shape, features.shape[1:3], self.name)
+        height, width = grid_shape
+        x = ops.repeat(features, height // ops.shape(features)[1], axis=1)
+        return ops.repeat(x, width // ops.shape(features)[2], axis=2)
+
+    def compute_output_shape(self, features_shape, bottom_shape):
+        return (*bottom_shape[:3], features_shape[-1])
+
+
+def check_multiple(grid_shape, top_grid, who):
+    """Refuses a bottom grid that is not a whole multiple of the top grid along each axis."""
+    if any(size % top for size, top in zip(grid_shape, top_grid)):
+        raise ValueError(f"{who}: the bottom grid {tuple(grid_shape)} must be a whole multiple of "
+                         f"the top grid {tuple(top_grid)} (VQ-VAE-2's is twice it); pass bottom "
+                         "maps of such a grid")
+
+
 def block_dilations(residual_blocks, dilation_cycle):
     """Dilation of each block after the first masked layer: 1, 2, 4, .. 2 ** (dilation_cycle - 1),
     then 1 again (WaveNet's cycle), so that the reach grows exponentially with depth. A block's
@@ -327,29 +412,41 @@ def gated_layers(residual_blocks, dilation_cycle):
     ]
 
 
-def conditioned(x, height, name):
-    """x + V^T h before a gate (eq. 4 of the paper), h the embedded height, or x itself when the
-    prior is not conditional (height None)."""
-    if height is None:
-        return x
-    projected = layers.Dense(x.shape[-1], name=f"{name}_condition")(height)
-    return AddCondition(name=f"{name}_conditioned")(x, projected)
+def conditioned(x, height, top, name):
+    """x + V^T h + V * s before a gate (eq. 4 of the paper, and its form for a map s), h the
+    embedded height, s the top codes' features on x's grid; a term is left out when its
+    condition is None. A 1x1 convolution of s adds to each position only s there, so it changes
+    neither causality nor the receptive field."""
+    if height is not None:
+        projected = layers.Dense(x.shape[-1], name=f"{name}_condition")(height)
+        x = AddCondition(name=f"{name}_conditioned")(x, projected)
+    if top is not None:
+        projected = layers.Conv2D(x.shape[-1], 1, name=f"{name}_top_condition")(top)
+        x = layers.Add(name=f"{name}_top_conditioned")([x, projected])
+    return x
 
 
 def height_input(filters, conditional, name):
-    """The embedded heights (B, filters) a conditional stack takes as its last input, or None."""
+    """The embedded heights (B, filters) a conditional stack takes after the codes, or None."""
     return keras.Input(shape=(filters,), name=name) if conditional else None
 
 
-def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
+def top_input(filters, on_top, name):
+    """The top codes' features on the bottom grid (B, h, w, filters) that a stack conditioned on
+    the top codes takes as its last input, or None."""
+    return keras.Input(shape=(None, None, filters), name=name) if on_top else None
+
+
+def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False, on_top=False):
     """The gated PixelCNN's vertical stack (fig. 2 of the paper): embedded codes (and, when
-    conditional, embedded heights) -> one map per gated layer, added into the horizontal stack,
-    whose row i describes only the rows above i.
+    conditional, embedded heights; when on_top, the top codes' features) -> one map per gated
+    layer, added into the horizontal stack, whose row i describes only the rows above i.
 
     A model of its own, so that the sampler can walk its layers one row at a time.
     """
     embedded = keras.Input(shape=(None, None, filters), name="vertical_input")
     height = height_input(filters, conditional, "vertical_condition_input")
+    top = top_input(filters, on_top, "vertical_top_input")
     vertical, links = embedded, []
     for layer, (kernel, dilation) in enumerate(gated_layers(residual_blocks, dilation_cycle)):
         name = f"gated{layer}"
@@ -358,15 +455,16 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False):
         links.append(layers.Conv2D(2 * filters, 1, name=f"{name}_v_to_h")(shifted))
         if layer < residual_blocks:  # the last layer's vertical output would feed nothing
             vertical = GatedActivation(name=f"{name}_vertical_gate")(
-                conditioned(pre, height, f"{name}_vertical"))
-    inputs = [embedded] if height is None else [embedded, height]
+                conditioned(pre, height, top, f"{name}_vertical"))
+    inputs = [embedded] + [x for x in (height, top) if x is not None]
     return keras.Model(inputs, links, name="vertical_stack")
 
 
 def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, dilation_cycle,
-                     conditional=False):
+                     conditional=False, on_top=False):
     """The horizontal stack and the output layers: the embedded codes, the vertical stack's
-    maps (and, when conditional, the embedded heights) -> logits (B, h, w, K). A position reads
+    maps (and, when conditional, the embedded heights; when on_top, the top codes' features)
+    -> logits (B, h, w, K). A position reads
     only its own row, at and left of itself (its own code never: the first layer's mask is A),
     plus the vertical maps.
 
@@ -378,6 +476,7 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
     links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
              for layer in range(residual_blocks + 1)]
     height = height_input(filters, conditional, "horizontal_condition_input")
+    top = top_input(filters, on_top, "horizontal_top_input")
     horizontal, skips = embedded, []
     for layer, ((kernel, dilation), link) in enumerate(
         zip(gated_layers(residual_blocks, dilation_cycle), links)
@@ -387,7 +486,7 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
             2 * filters, (1, kernel), "B" if layer else "A", dilation, name=f"{name}_horizontal"
         )(horizontal)
         gated = GatedActivation(name=f"{name}_horizontal_gate")(conditioned(
-            layers.Add(name=f"{name}_link")([pre, link]), height, f"{name}_horizontal"))
+            layers.Add(name=f"{name}_link")([pre, link]), height, top, f"{name}_horizontal"))
         skips.append(layers.Conv2D(filters, 1, name=f"{name}_skip")(gated))
         if layer < residual_blocks:
             residual = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
@@ -395,7 +494,7 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
             horizontal = layers.Add(name=f"{name}_add")([horizontal, residual]) if layer else residual
     x = layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
     logits = output_head(x, num_embeddings, filters, output_layers)
-    inputs = [embedded, *links] + ([] if height is None else [height])
+    inputs = [embedded, *links] + [x for x in (height, top) if x is not None]
     return keras.Model(inputs, logits, name="horizontal_stack")
 
 
@@ -413,10 +512,11 @@ CONDITIONS = ("none", "slice")
 
 
 def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind,
-                   dilation_cycle, condition="none", positions=None):
-    """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K), or, conditioned on the
-    slice's height, [code maps, relative heights (B,) in [0, 1]] -> logits. driver.py's flags
-    hold the defaults.
+                   dilation_cycle, condition="none", positions=None, top_embeddings=None,
+                   top_grid=None):
+    """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K). Conditioned, it takes
+    [code maps, relative heights (B,) in [0, 1] (condition "slice"), top code maps (B, th, tw)
+    (top_grid)], those it is conditioned on, in this order. driver.py's flags hold the defaults.
 
     Args:
         num_embeddings: K, the number of codes.
@@ -431,6 +531,11 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
             gate of both stacks (eq. 4 of the paper); gated priors only.
         positions: None, or the code grid (h, w): each code's embedding is then added to a
             learned embedding of its row and column (`PositionEmbedding`); gated priors only.
+        top_embeddings, top_grid: None, or K and the grid (th, tw) of a top level's codes: the
+            prior is then VQ-VAE-2's bottom prior, over code maps whose grid is a whole multiple
+            of top_grid, conditioned on the top code map. A non-causal stack reads the whole top
+            map (`TopCodeStack`), its features are upsampled to the bottom grid and a 1x1
+            projection of them is added before every gate of both stacks; gated priors only.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -442,6 +547,11 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         raise ValueError(f"condition {condition!r} needs the gated prior, got kind {kind!r}")
     if positions is not None and kind != "gated":
         raise ValueError(f"positions need the gated prior, got kind {kind!r}")
+    if (top_embeddings is None) != (top_grid is None):
+        raise ValueError("a prior conditioned on top codes needs both top_embeddings and "
+                         f"top_grid, got {top_embeddings!r} and {top_grid!r}")
+    if top_grid is not None and kind != "gated":
+        raise ValueError(f"top codes need the gated prior, got kind {kind!r}")
     codes = keras.Input(shape=(None, None) if positions is None else tuple(positions),
                         dtype="int32", name="codes")
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
@@ -455,20 +565,28 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
                                             name="height_embedding")(heights)]
     else:
         heights, embedded_heights = None, []
+    if top_grid is not None:
+        top_codes = keras.Input(shape=tuple(top_grid), dtype="int32", name="top_codes")
+        top_features = TopCodeStack(top_embeddings, filters, TOP_BLOCKS,
+                                    name="top_stack")(top_codes)  # (B, th, tw, F)
+        top = [NearestUpsample(name="top_upsample")(top_features, embedded)]  # (B, h, w, F)
+    else:
+        top_codes, top = None, []
     conditional = heights is not None
     if kind == "gated":
-        vertical = vertical_stack(filters, residual_blocks, dilation_cycle, conditional)
-        links = keras.tree.flatten(vertical([embedded, *embedded_heights]))
+        vertical = vertical_stack(filters, residual_blocks, dilation_cycle, conditional, bool(top))
+        links = keras.tree.flatten(vertical([embedded, *embedded_heights, *top]))
         logits = horizontal_stack(
-            num_embeddings, filters, residual_blocks, output_layers, dilation_cycle, conditional
-        )([embedded, *links, *embedded_heights])
+            num_embeddings, filters, residual_blocks, output_layers, dilation_cycle, conditional,
+            bool(top),
+        )([embedded, *links, *embedded_heights, *top])
     else:
         logits = output_head(
             plain_stack(embedded, filters, residual_blocks, dilation_cycle), num_embeddings,
             filters, output_layers,
         )
-    inputs = [codes, heights] if conditional else codes
-    return keras.Model(inputs, logits, name=f"{kind}_pixelcnn")
+    inputs = [x for x in (codes, heights, top_codes) if x is not None]
+    return keras.Model(inputs if len(inputs) > 1 else codes, logits, name=f"{kind}_pixelcnn")
 
 
 def is_conditional(prior):
@@ -483,10 +601,41 @@ def check_heights(prior, heights):
                          f" ({prior.name}, heights {'given' if heights is not None else 'None'})")
 
 
-def prior_inputs(prior, codes, heights):
-    """What `prior` takes: the codes, or [codes, heights] when it is conditional."""
+def top_grid(prior):
+    """The grid (th, tw) of the top code maps a prior from `build_pixelcnn` is conditioned on,
+    or None."""
+    if not any(layer.name == "top_codes" for layer in prior.layers):
+        return None
+    return tuple(prior.get_layer("top_codes").batch_shape[1:])
+
+
+def check_top_codes(prior, top_codes, codes_shape):
+    """Refuses top codes for a prior not conditioned on them, a prior conditioned on them
+    without them, and top codes that are not one (th, tw) map per bottom map of codes_shape
+    (N, h, w), whose grid must be a whole multiple of (th, tw)."""
+    grid = top_grid(prior)
+    if grid is None:
+        if top_codes is not None:
+            raise ValueError(f"{prior.name} is not conditioned on top codes: pass top_codes=None")
+        return
+    expected = (codes_shape[0], *grid)
+    if top_codes is None:
+        raise ValueError(f"{prior.name} is conditioned on a top code map: pass top_codes, one "
+                         f"map per bottom map, of shape {expected}")
+    if tuple(np.shape(top_codes)) != expected:
+        raise ValueError(f"{prior.name}: top_codes must have shape {expected}, one map of the "
+                         f"top grid {grid} per bottom map, got {tuple(np.shape(top_codes))}; "
+                         "pass the top codes the prior was built for")
+    check_multiple(codes_shape[1:], grid, prior.name)
+
+
+def prior_inputs(prior, codes, heights, top_codes=None):
+    """What `prior` takes: the codes, or a list of the codes and what it is conditioned on (the
+    heights, the top codes)."""
     check_heights(prior, heights)
-    return [codes, heights] if heights is not None else codes
+    check_top_codes(prior, top_codes, np.shape(codes))
+    inputs = [x for x in (codes, heights, top_codes) if x is not None]
+    return inputs if len(inputs) > 1 else codes
 
 
 Reach = collections.namedtuple("Reach", ["rows_above", "columns_left", "columns_right"])
@@ -636,7 +785,7 @@ class RasterSteps(abc.ABC):
     """How `code_sampler` computes a prior's logits in raster order. Inside one compiled graph,
     for B maps at once, it calls:
 
-        conditions = steps.conditions(heights)              # once
+        conditions = steps.conditions(heights, top_codes)   # once
         map_state = steps.begin_map(codes)                  # once, before the first row
         for row in range(h):
             row_state = steps.start_row(codes, row, map_state, conditions)
@@ -647,15 +796,16 @@ class RasterSteps(abc.ABC):
             map_state = steps.end_row(codes, row, map_state, conditions)
 
     codes (B, h, w) int32 holds the codes drawn so far, 0 where none is drawn yet; heights
-    (B,) are a conditional prior's relative heights (zeros for an unconditional one).
-    conditions: what the prior computes from the heights alone, by name, the same at every
-    position (empty for an unconditional prior). map_state: what finished rows leave for later
+    (B,) are a conditional prior's relative heights (zeros for an unconditional one); top_codes
+    (B, th, tw) int32 the top code maps of a prior conditioned on them (zeros (B, 1, 1) for
+    another). conditions: what the prior computes from those alone, before any code is drawn
+    (nothing for an unconditional prior). map_state: what finished rows leave for later
     rows. row_state: what the row's codes so far leave for its later codes. Each state is a
     tensor or a nest of them whose structure and shapes stay the same from one step to the
     next: the compiled loops carry them.
     """
 
-    def conditions(self, heights):
+    def conditions(self, heights, top_codes):
         """Computed once per call, so that no position computes them again."""
         return {}
 
@@ -687,8 +837,8 @@ class _WindowedSteps(RasterSteps):
     row_state is only the top row of the row's windows, and there is no map_state."""
 
     def __init__(self, prior, grid_shape):
-        if is_conditional(prior):
-            raise ValueError(f"{prior.name}: the windowed sampler takes no heights")
+        if is_conditional(prior) or top_grid(prior) is not None:
+            raise ValueError(f"{prior.name}: the windowed sampler takes no heights or top codes")
         self.prior = prior
         self.height, self.width = grid_shape
         self.reach = receptive_field(prior)
@@ -706,6 +856,10 @@ class _WindowedSteps(RasterSteps):
         left = tf.clip_by_value(col - self.reach.columns_left, 0, self.width - self.columns)
         context = codes[:, top : top + self.rows, left : left + self.columns]  # (B, rows, cols)
         return self.prior(context, training=False)[:, row - top, col - left], top  # (B, K)
+
+
+def _layer_or_none(model, name):
+    return model.get_layer(name) if any(layer.name == name for layer in model.layers) else None
 
 
 def _called(step, values):
@@ -783,14 +937,16 @@ class _GatedSteps(RasterSteps):
     - the horizontal stack runs one code at a time (logits_at); the row_state keeps the
       vertical stack's links into the row, its layers' outputs at the codes left of it that a
       later code reads, and the drawn codes' embeddings (after_draw).
+
+    What the prior is conditioned on enters once: the heights' projections, the same at every
+    position, before the loops; the top codes' features on the bottom grid too, then each row
+    takes its row of them, and each code its own.
     """
 
     def __init__(self, prior, grid_shape):
         self.height, self.width = grid_shape
         self.embedding = prior.get_layer("embedding")
-        self.position = (prior.get_layer("position_embedding")
-                         if any(layer.name == "position_embedding" for layer in prior.layers)
-                         else None)
+        self.position = _layer_or_none(prior, "position_embedding")
         if self.position is not None:
             self.position.check_grid(grid_shape)
         self.vertical = prior.get_layer("vertical_stack")
@@ -798,14 +954,23 @@ class _GatedSteps(RasterSteps):
         vertical, horizontal = layer_graph(self.vertical), layer_graph(self.horizontal)
         self.vertical_steps, self.horizontal_steps = vertical.steps, horizontal.steps
         self.links = vertical.outputs
-        # a conditional prior's embedded heights are each stack's last input
-        self.vertical_input, *vertical_condition = vertical.inputs
+        self.height_embedding = _layer_or_none(prior, "height_embedding")
+        self.top_stack = _layer_or_none(prior, "top_stack")
+        self.top_upsample = _layer_or_none(prior, "top_upsample")
+        if self.top_stack is not None:
+            check_multiple(grid_shape, top_grid(prior), prior.name)
+        # After the codes (and the horizontal stack's links) each stack takes a conditional
+        # prior's embedded heights, then the top codes' features of a prior conditioned on them.
+        self.vertical_input, *vertical_conditions = vertical.inputs
         self.embedded_input, *self.link_inputs = horizontal.inputs
-        self.link_inputs, horizontal_condition = (self.link_inputs[: len(self.links)],
-                                                  self.link_inputs[len(self.links) :])
-        self.condition_inputs = vertical_condition + horizontal_condition
-        self.height_embedding = (prior.get_layer("height_embedding")
-                                 if is_conditional(prior) else None)
+        self.link_inputs, horizontal_conditions = (self.link_inputs[: len(self.links)],
+                                                   self.link_inputs[len(self.links) :])
+        on_top = int(self.top_stack is not None)
+        self.condition_inputs = (vertical_conditions[: len(vertical_conditions) - on_top]
+                                 + horizontal_conditions[: len(horizontal_conditions) - on_top])
+        self.vertical_top, self.horizontal_top = ((vertical_conditions[-1],
+                                                   horizontal_conditions[-1])
+                                                  if on_top else (None, None))
         (self.logits,) = horizontal.outputs
         self.rows_back = _reads_back(self.vertical_steps, "at_row", lambda l: l.rows_above)
         self.columns_back = _reads_back(self.horizontal_steps, "at_column",
@@ -820,15 +985,19 @@ class _GatedSteps(RasterSteps):
         embedded = self.embedding(codes)
         return embedded if self.position is None else embedded + self.position.at(row, col)
 
-    def conditions(self, heights):
-        """The stacks' condition inputs, the embedded heights (B, F), and every layer that
-        reads only them (the projections V^T h, (B, 2F)), by name; or none. Computed once per
-        call, not at every position."""
-        if self.height_embedding is None:
-            return {}
-        embedded = self.height_embedding(heights)
-        values = {name: embedded for name in self.condition_inputs}
-        return _run_on(self.horizontal_steps, _run_on(self.vertical_steps, values))
+    def conditions(self, heights, top_codes):
+        """everywhere: the stacks' height inputs, the embedded heights (B, F), and every layer
+        that reads only them (the projections V^T h, (B, 2F)), by name; or none. top: the top
+        codes' features on the bottom grid (B, h, w, F), or None. Computed once per call, not
+        at every position."""
+        everywhere = {}
+        if self.height_embedding is not None:
+            embedded = self.height_embedding(heights)
+            values = {name: embedded for name in self.condition_inputs}
+            everywhere = _run_on(self.horizontal_steps, _run_on(self.vertical_steps, values))
+        top = (None if self.top_stack is None else
+               self.top_upsample.to_grid(self.top_stack(top_codes), (self.height, self.width)))
+        return {"everywhere": everywhere, "top": top}
 
     def begin_map(self, codes):
         """For each vertical layer a later row reads: its outputs at the rows above (zeros
@@ -840,14 +1009,17 @@ class _GatedSteps(RasterSteps):
     def vertical_row(self, codes, row, map_state, conditions):
         """The vertical stack's outputs at `row`, from the codes there."""
         values = {self.vertical_input: self.embedded(codes[:, row : row + 1], row),  # (B, 1, w, F)
-                  **conditions}
+                  **conditions["everywhere"]}
+        if self.vertical_top is not None:
+            values[self.vertical_top] = conditions["top"][:, row : row + 1]  # (B, 1, w, F)
         return _run_at(self.vertical_steps, values, "at_row",
                        lambda source, n: map_state[source][:, -n, None])
 
     def start_row(self, codes, row, map_state, conditions):
         """The vertical stack's links into this row, (B, w, 2F) each, which read only rows
         above it (so the row's undrawn codes, still 0, do not matter); and for each horizontal
-        layer a later code reads, an array of its outputs at the row's columns."""
+        layer a later code reads, an array of its outputs at the row's columns; and the
+        horizontal stack's projections of the row's top features, (B, 1, w, 2F) each."""
         values = self.vertical_row(codes, row, map_state, conditions)
         links = [values[name][:, 0] for name in self.links]
         batch = tf.shape(codes)[0]
@@ -859,13 +1031,17 @@ class _GatedSteps(RasterSteps):
             for col in range(self.pad):
                 array = array.write(col, tf.zeros((batch, 1, 1, channels)))
             history[name] = array
-        return {"links": links, "history": history}
+        top = ({} if self.horizontal_top is None else _run_on(
+            self.horizontal_steps, {self.horizontal_top: conditions["top"][:, row : row + 1]}))
+        return {"links": links, "history": history, "top": top}
 
     def logits_at(self, codes, row, col, row_state, conditions):
         history = row_state["history"]
         values = {name: link[:, col, None, None]
                   for name, link in zip(self.link_inputs, row_state["links"])}
-        values.update(conditions)
+        values.update(conditions["everywhere"])
+        values.update({name: row_top[:, :, col : col + 1]  # (B, 1, 1, C)
+                       for name, row_top in row_state["top"].items()})
         # The code at col is not drawn yet: zeros stand in, which the first layer's mask A
         # never reads.
         values[self.embedded_input] = tf.zeros(
@@ -893,7 +1069,7 @@ class _GatedSteps(RasterSteps):
 
 
 def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, heights=None,
-                 rows_done=None):
+                 rows_done=None, top_codes=None):
     """Draw code maps from the prior, one code at a time in raster order.
 
     Exact, and fast: the loop runs inside one compiled graph and computes no more of the prior
@@ -910,24 +1086,28 @@ def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, height
             unconditional prior).
         rows_done: None, or a function called with the number of rows drawn in every map so
             far, after each row (a progress bar's update); the codes do not depend on it.
+        top_codes: the top code maps (num_samples, th, tw) of a prior conditioned on them (see
+            `build_pixelcnn`'s top_grid), one per sample, drawn before these; None for another.
 
     Returns:
         int32 tensor (num_samples, h, w).
     """
-    return code_sampler(prior, grid_shape, rows_done)(num_samples, temperature, seed, heights)
+    return code_sampler(prior, grid_shape, rows_done)(num_samples, temperature, seed, heights,
+                                                      top_codes)
 
 
 def code_sampler(prior, grid_shape, rows_done=None):
     """`sample_codes` for one prior and grid, compiled once: (num_samples, temperature, seed,
-    heights) -> int32 code maps (num_samples, h, w), calling rows_done(rows) after each row."""
+    heights, top_codes) -> int32 code maps (num_samples, h, w), calling rows_done(rows) after
+    each row."""
     height, width = grid_shape
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
     steps = (_GatedSteps if is_gated else _WindowedSteps)(prior, grid_shape)
 
     @tf.function
-    def sample_all(num_samples, temperature, seed, heights):
+    def sample_all(num_samples, temperature, seed, heights, top_codes):
         codes = tf.zeros((num_samples, height, width), tf.int32)
-        conditions = steps.conditions(heights)
+        conditions = steps.conditions(heights, top_codes)
         map_state = steps.begin_map(codes)
         for row in tf.range(height):
             row_state = steps.start_row(codes, row, map_state, conditions)
@@ -942,33 +1122,37 @@ def code_sampler(prior, grid_shape, rows_done=None):
                     tf.py_function(lambda done: rows_done(int(done)), [row + 1], [])
         return codes
 
-    def sample(num_samples, temperature=1.0, seed=0, heights=None):
+    def sample(num_samples, temperature=1.0, seed=0, heights=None, top_codes=None):
         check_heights(prior, heights)
-        # an unconditional prior's functions ignore the heights: zeros keep one signature
+        check_top_codes(prior, top_codes, (num_samples, height, width))
+        # a prior's functions ignore what it is not conditioned on: zeros keep one signature
         heights = tf.zeros([num_samples]) if heights is None else heights
         heights = tf.reshape(tf.cast(heights, tf.float32), [num_samples])
+        top_codes = tf.zeros((num_samples, 1, 1), tf.int32) if top_codes is None else top_codes
         # tensors, so that other values reuse the compiled graph
         return sample_all(tf.constant(num_samples, tf.int32),
                           tf.constant(temperature, tf.float32), tf.constant(seed, tf.int32),
-                          heights)
+                          heights, tf.cast(top_codes, tf.int32))
 
     return sample
 
 
 def sample_codes_naive(prior, num_samples, grid_shape, temperature=1.0, seed=0, num_codes=None,
-                       heights=None):
+                       heights=None, top_codes=None):
     """The reference sampler: one `predict` on the whole map per code, as in the seed.
 
-    Draws the same codes as `sample_codes` for the same seed and heights; kept to test and
-    benchmark it. `num_codes` draws only the first codes in raster order and leaves the rest 0,
-    so that benchmarks/sampling.py can time a few and extrapolate (default: all).
+    Draws the same codes as `sample_codes` for the same seed, heights and top codes; kept to
+    test and benchmark it. `num_codes` draws only the first codes in raster order and leaves the
+    rest 0, so that benchmarks/sampling.py can time a few and extrapolate (default: all).
     """
     height, width = grid_shape
     codes = np.zeros((num_samples, height, width), dtype="int32")
     heights = None if heights is None else np.asarray(heights, "float32").reshape(num_samples)
+    top_codes = None if top_codes is None else np.asarray(top_codes, "int32")
     for step in range(height * width if num_codes is None else num_codes):
         row, col = divmod(step, width)
-        logits = prior.predict(prior_inputs(prior, codes, heights), verbose=0)[:, row, col]
+        inputs = prior_inputs(prior, codes, heights, top_codes)
+        logits = prior.predict(inputs, verbose=0)[:, row, col]
         codes[:, row, col] = draw_codes(logits, temperature, tf.constant(seed),
                                         tf.constant(step, tf.int32))
     return tf.constant(codes)
