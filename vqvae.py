@@ -12,6 +12,11 @@ with the straight-through estimator carrying the decoder's gradient past the arg
 appendix A.1) and restarts codes that fall out of use (Jukebox, Dhariwal et al. 2020) where the
 codebook quantizes worst (k-means++'s seeding), so only the
 commitment term of eq. 3 remains a loss.
+
+Beyond eq. 3, and off by default: the reconstruction term may be Zhao et al. 2017's mix of
+MS-SSIM and L1 (`l1_msssim_loss`), a spectral loss may be added (`spectral_loss`), and a patch
+discriminator trained beside the autoencoder (VQGAN, Esser et al. 2021) may add an adversarial
+term (`VQVAE.train_step`).
 """
 
 import math
@@ -50,6 +55,36 @@ LAPLACE_EPSILON = 1e-5
 RESTART_THRESHOLD = 4.0
 # Added to the squared errors that weight the restarts' draw: keeps their logarithm finite.
 TINY_ERROR = 1e-12
+
+# The reconstruction term: eq. 3's squared error, or Zhao et al. 2017's mix of MS-SSIM and L1.
+RECONSTRUCTIONS = ("mse", "l1_msssim")
+PAPER_RECONSTRUCTION = "mse"
+# Zhao et al.'s weight alpha of 1 - MS-SSIM in their mix; L1 has 1 - alpha.
+ZHAO_ALPHA = 0.84
+# MS-SSIM's exponents of its five scales, finest first (Wang et al. 2003), and the side of its
+# Gaussian window: tf.image.ssim_multiscale's defaults.
+MSSSIM_POWER_FACTORS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+SSIM_WINDOW = 11
+# Added to |F|^2 under the square root: the amplitude's gradient stays finite at a zero Fourier
+# coefficient, which a flat image has at every frequency but zero.
+TINY_POWER = 1e-12
+# VQGAN's adaptive weight: delta in ||grad L_rec|| / (||grad L_GAN|| + delta), and its upper clip.
+ADAPTIVE_WEIGHT_DELTA = 1e-4
+ADAPTIVE_WEIGHT_MAX = 1e4
+# The patch discriminator: pix2pix's first three widths (64, 128, 256) halved, as it trains
+# beside the autoencoder on a CPU; pix2pix's 4x4 kernels, LeakyReLU slope and N(0, 0.02) initial
+# weights (DCGAN's).
+DISCRIMINATOR_FILTERS = (32, 64, 128)
+DISCRIMINATOR_KERNEL = 4
+LEAKY_SLOPE = 0.2
+GAN_INIT_STDDEV = 0.02
+# The step at which VQGAN switches the discriminator on (configs/custom_vqgan.yaml, disc_start).
+VQGAN_DISCRIMINATOR_START = 10000
+# The discriminator's Adam: VQGAN's betas; pix2pix's learning rate for a PatchGAN trained from
+# scratch (VQGAN's 4.5e-6 per image of the batch is tuned to its autoencoder's equally small
+# rate, where ours trains at 1e-3).
+VQGAN_ADAM_BETAS = (0.5, 0.9)
+PIX2PIX_LEARNING_RATE = 2e-4
 
 
 def codebook_initializer(num_embeddings):
@@ -376,6 +411,104 @@ def build_decoder(embedding_dim, pixel_range, downsample):
     return keras.Model(latents, images, name="decoder")
 
 
+def msssim_scales(height, width):
+    """How many of MS-SSIM's five scales fit an image of height x width: each scale halves the
+    previous one (rounding up, as tf.image.ssim_multiscale pads odd sizes), and the coarsest must
+    still hold the 11-pixel window, so all five need at least 161 pixels a side. A smaller image
+    keeps the finest scales, where the detail a reconstruction loses shows."""
+    size, scales = min(height, width), 0
+    while scales < len(MSSSIM_POWER_FACTORS) and size >= SSIM_WINDOW:
+        scales += 1
+        size = -(-size // 2)
+    if scales == 0:
+        raise ValueError(f"MS-SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, "
+                         f"got {height}x{width}")
+    return scales
+
+
+def l1_msssim_loss(images, reconstructions, pixel_range):
+    """Zhao et al. 2017's mix alpha (1 - MS-SSIM(x, x_hat)) + (1 - alpha) ||x - x_hat||_1, each
+    a mean over the batch, alpha = 0.84. (They weight L1 by MS-SSIM's coarsest Gaussian too, as
+    their loss is that of a patch's centre pixel; averaged over whole images that weighting goes.)
+
+    MS-SSIM (Wang et al. 2003) takes images in [0, max_val] (its luminance term is not
+    shift-invariant), so both are shifted there from pixel_range. An image too small for the
+    five scales keeps the finest that fit (`msssim_scales`), their exponents rescaled to sum to
+    1 as the five do, so identical images still score 1. Needs a static image size."""
+    low, high = pixel_range
+    height, width = images.shape[1:3]
+    if height is None or width is None:
+        raise ValueError("l1_msssim needs images of a static size to choose MS-SSIM's scales")
+    factors = MSSSIM_POWER_FACTORS[:msssim_scales(height, width)]
+    msssim = tf.image.ssim_multiscale(
+        images - low, reconstructions - low, max_val=high - low,
+        power_factors=[factor / sum(factors) for factor in factors], filter_size=SSIM_WINDOW)
+    l1 = ops.mean(ops.abs(images - reconstructions))
+    return ZHAO_ALPHA * (1 - ops.mean(msssim)) + (1 - ZHAO_ALPHA) * l1
+
+
+def log_amplitude(images, pixel_range):
+    """log(1 + |F(x)|) of each image's 2-D DFT, orthonormal (Parseval: the amplitudes' squares
+    sum to the pixels' squares), with the black background at 0: (B, H, W, C) -> (B, C, H, W)."""
+    x = ops.transpose(images - pixel_range[0], (0, 3, 1, 2))  # the DFT runs over the last two
+    real, imaginary = ops.fft2((x, ops.zeros_like(x)))
+    size = ops.cast(ops.shape(x)[2] * ops.shape(x)[3], x.dtype)
+    return ops.log1p(ops.sqrt(real**2 + imaginary**2 + TINY_POWER) / ops.sqrt(size))
+
+
+def spectral_loss(images, reconstructions, pixel_range):
+    """mean |log(1 + |F(x)|) - log(1 + |F(x_hat)|)| over every Fourier coefficient.
+
+    The spectral loss of Jukebox (Dhariwal et al. 2020, section 3.3), which brain-MRI VQ-VAEs
+    add to the pixel loss (Tudosiu et al. 2020; MONAI's JukeboxLoss), compares the amplitudes
+    |F|. An image's amplitudes fall steeply with frequency, so a distance between them is all
+    low frequencies, which the pixel loss fits already; the logarithm, as in the log-magnitude
+    term of DDSP's spectral loss (Engel et al. 2020), lets the weak high frequencies of folds and
+    edges count, and L1 keeps one large difference from dominating."""
+    return ops.mean(ops.abs(log_amplitude(images, pixel_range)
+                            - log_amplitude(reconstructions, pixel_range)))
+
+
+def hinge_discriminator_loss(real_logits, fake_logits):
+    """The discriminator's hinge loss (Lim and Ye 2017; VQGAN's, which halves it, to no effect on
+    Adam's steps): mean relu(1 - D(x)) + mean relu(1 + D(x_hat))."""
+    return ops.mean(ops.relu(1 - real_logits)) + ops.mean(ops.relu(1 + fake_logits))
+
+
+def hinge_generator_loss(fake_logits):
+    """The generator's side of the hinge loss, L_GAN = -mean D(x_hat)."""
+    return -ops.mean(fake_logits)
+
+
+def adaptive_weight(reconstruction_gradient, generator_gradient):
+    """VQGAN's lambda = ||grad L_rec|| / (||grad L_GAN|| + delta) (Esser et al. 2021, eq. 7) from
+    the two gradients at the decoder's last layer, clipped to [0, 1e4] as VQGAN's code does and
+    under sg[.]: the adversarial term's pull on the decoder matches the reconstruction's."""
+    ratio = ops.norm(ops.reshape(reconstruction_gradient, (-1,))) / (
+        ops.norm(ops.reshape(generator_gradient, (-1,))) + ADAPTIVE_WEIGHT_DELTA)
+    return ops.stop_gradient(ops.clip(ratio, 0.0, ADAPTIVE_WEIGHT_MAX))
+
+
+def build_discriminator():
+    """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN uses it, smaller: stride-2 4x4
+    convolutions with LeakyReLU(0.2), then a 4x4 convolution to one logit per patch, image (B, H,
+    W, 1) -> logits (B, H/2^n, W/2^n, 1) for n strided convolutions, each logit judging a patch of
+    the image as real or reconstructed. No normalisation layers (VQGAN's has BatchNorm): batch statistics
+    would differ between a replica's share of the batch and the whole, and between the real and
+    the reconstructed halves the discriminator sees. float32 even under mixed precision: its own
+    optimizer has no loss scaling."""
+    images = keras.Input(shape=(None, None, 1), name="images")
+    initializer = keras.initializers.RandomNormal(stddev=GAN_INIT_STDDEV)
+    x = images
+    for i, filters in enumerate(DISCRIMINATOR_FILTERS):
+        x = layers.Conv2D(filters, DISCRIMINATOR_KERNEL, strides=2, padding="same",
+                          kernel_initializer=initializer, dtype="float32", name=f"down{i + 1}")(x)
+        x = layers.LeakyReLU(LEAKY_SLOPE, dtype="float32", name=f"down{i + 1}_leaky_relu")(x)
+    logits = layers.Conv2D(1, DISCRIMINATOR_KERNEL, padding="same", kernel_initializer=initializer,
+                           dtype="float32", name="to_logits")(x)
+    return keras.Model(images, logits, name="discriminator")
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VQVAE(keras.Model):
     """Encoder, vector quantizer and decoder, trained on eq. 3 (see `eq3_losses`).
@@ -399,14 +532,40 @@ class VQVAE(keras.Model):
         ema_decay: gamma of the moving averages (quantizer="ema" only).
         restart_threshold: EMA count below which a code is restarted (quantizer="ema" only;
             ours, as the paper has no restarts: see RESTART_THRESHOLD).
+        reconstruction: the reconstruction term, "mse" for eq. 3's squared error divided by
+            data_variance, "l1_msssim" for Zhao et al. 2017's mix of MS-SSIM and L1
+            (`l1_msssim_loss`; data_variance is then unused) (eq. 3's "mse" by default).
+        spectral_weight: weight of the spectral loss (`spectral_loss`) added to the
+            reconstruction term; 0, the default, adds none.
+        adversarial_weight: weight of VQGAN's adversarial term on top of its adaptive weight
+            (VQGAN's disc_weight); 0, the default, builds no discriminator.
+        discriminator_start: the training step from which the discriminator trains and its term
+            counts (VQGAN's 10000 by default; adversarial_weight > 0 only).
+        discriminator_learning_rate: of the discriminator's Adam (pix2pix's 2e-4 by default;
+            adversarial_weight > 0 only).
+
+    With adversarial_weight > 0 the model holds the discriminator (`discriminator`, trained by
+    its own optimizer `discriminator_optimizer`) and the training step count
+    (`training_steps`), all saved and restored with the model's weights.
     """
 
     def __init__(self, num_embeddings, embedding_dim, *, pixel_range,
                  downsample=PAPER_DOWNSAMPLE, beta=PAPER_BETA, data_variance=1.0,
                  quantizer=PAPER_QUANTIZER, ema_decay=PAPER_EMA_DECAY,
-                 restart_threshold=RESTART_THRESHOLD, **kwargs):
+                 restart_threshold=RESTART_THRESHOLD, reconstruction=PAPER_RECONSTRUCTION,
+                 spectral_weight=0.0, adversarial_weight=0.0,
+                 discriminator_start=VQGAN_DISCRIMINATOR_START,
+                 discriminator_learning_rate=PIX2PIX_LEARNING_RATE, **kwargs):
         if quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, "
+                             f"got {reconstruction!r}")
+        for name, value in [("spectral_weight", spectral_weight),
+                            ("adversarial_weight", adversarial_weight),
+                            ("discriminator_start", discriminator_start)]:
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         super().__init__(**kwargs)
         self.pixel_range = tuple(pixel_range)
         self.downsample = downsample
@@ -417,6 +576,11 @@ class VQVAE(keras.Model):
         self.quantizer_kind = quantizer
         self.ema_decay = ema_decay
         self.restart_threshold = restart_threshold
+        self.reconstruction = reconstruction
+        self.spectral_weight = spectral_weight
+        self.adversarial_weight = adversarial_weight
+        self.discriminator_start = discriminator_start
+        self.discriminator_learning_rate = discriminator_learning_rate
         self.encoder = build_encoder(embedding_dim, downsample)
         # float32 even under mixed precision: nearest-code distances need the precision
         if quantizer == "ema":
@@ -432,6 +596,38 @@ class VQVAE(keras.Model):
         self.total_loss_tracker = keras.metrics.Mean(name="loss")
         self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
+        optional_terms = ["spectral_loss"] if spectral_weight > 0 else []
+        self.discriminator = self.discriminator_optimizer = None
+        if adversarial_weight > 0:
+            self.discriminator = build_discriminator()
+            # Built here, not at the first step, so that load_model and BackupAndRestore find
+            # the optimizer's variables to restore into (an unbuilt optimizer skips its state).
+            self.discriminator_optimizer = keras.optimizers.Adam(
+                discriminator_learning_rate, *VQGAN_ADAM_BETAS, name="discriminator_optimizer")
+            self.discriminator_optimizer.build(self.discriminator.trainable_weights)
+            self.training_steps = self.add_weight(
+                name="training_steps", shape=(), dtype="int64", initializer="zeros",
+                trainable=False, aggregation="only_first_replica")
+            optional_terms += ["adversarial_loss", "discriminator_loss", "adaptive_weight"]
+        self.optional_trackers = [keras.metrics.Mean(name=name) for name in optional_terms]
+
+    @property
+    def trainable_weights(self):
+        """The autoencoder's trainable weights, which the compiled optimizer trains; the
+        discriminator's are its own optimizer's. Keras builds the compiled optimizer on these
+        when it loads a model or a backup, and on the weights of the first step otherwise: the
+        two must agree for its saved state to load."""
+        return self.without_discriminator(super().trainable_weights)
+
+    @property
+    def trainable_variables(self):
+        return self.without_discriminator(super().trainable_variables)
+
+    def without_discriminator(self, variables):
+        if self.discriminator is None:
+            return variables
+        theirs = {id(variable) for variable in self.discriminator.weights}
+        return [variable for variable in variables if id(variable) not in theirs]
 
     def call(self, images, training=False):
         z_e = self.encoder(images, training=training)
@@ -445,9 +641,17 @@ class VQVAE(keras.Model):
         """Code maps (B, h, w) -> images (B, s*h, s*w, 1)."""
         return self.decoder(self.quantizer.lookup(indices))
 
+    # levels of code maps; `VQVAE2` has two
+    levels = 1
+
+    def code_grids(self, image_size):
+        """Side of the code map of square images of side image_size, one per level."""
+        return (image_size // self.downsample,)
+
     @property
     def metrics(self):
-        return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker]
+        return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker,
+                *self.optional_trackers]
 
     def eq3_losses(self, images, training):
         """Eq. 3 as computed here, each squared norm a mean over its elements:
@@ -456,35 +660,94 @@ class VQVAE(keras.Model):
                 + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
 
         The EMA quantizer has no codebook term (the moving averages move the codebook).
+        reconstruction="l1_msssim" replaces the first term by `l1_msssim_loss`, and
+        spectral_weight > 0 adds spectral_weight * `spectral_loss` to it (`loss_terms`).
         Returns L, the reconstruction term and the quantizer's terms (`vq_loss`)."""
-        reconstructions = self(images, training=training)
-        reconstruction_loss = ops.mean((images - reconstructions) ** 2) / self.data_variance
-        vq_loss = ops.sum(self.losses)
-        return reconstruction_loss + vq_loss, reconstruction_loss, vq_loss
+        _, terms = self.loss_terms(images, training)
+        return terms["loss"], terms["reconstruction_loss"], terms["vq_loss"]
 
-    def _track(self, total_loss, reconstruction_loss, vq_loss):
-        self.total_loss_tracker.update_state(total_loss)
-        self.reconstruction_loss_tracker.update_state(reconstruction_loss)
-        self.vq_loss_tracker.update_state(vq_loss)
-        return {m.name: m.result() for m in self.metrics}
+    def loss_terms(self, images, training):
+        """The reconstructions and {"loss": L of `eq3_losses`, "reconstruction_loss": its first
+        term, "vq_loss": the quantizer's terms, and "spectral_loss" if spectral_weight > 0}."""
+        reconstructions = self(images, training=training)
+        if self.reconstruction == "mse":
+            reconstruction_loss = ops.mean((images - reconstructions) ** 2) / self.data_variance
+        else:
+            reconstruction_loss = l1_msssim_loss(images, reconstructions, self.pixel_range)
+        terms = {"reconstruction_loss": reconstruction_loss, "vq_loss": ops.sum(self.losses)}
+        if self.spectral_weight > 0:
+            terms["spectral_loss"] = spectral_loss(images, reconstructions, self.pixel_range)
+        terms["loss"] = self.reconstruction_objective(terms) + terms["vq_loss"]
+        return reconstructions, terms
+
+    def reconstruction_objective(self, terms):
+        """The reconstruction term plus the weighted spectral loss: VQGAN's L_rec."""
+        if self.spectral_weight > 0:
+            return terms["reconstruction_loss"] + self.spectral_weight * terms["spectral_loss"]
+        return terms["reconstruction_loss"]
+
+    def _track(self, terms):
+        """Updates the trackers of the terms given; returns their results."""
+        tracked = [m for m in self.metrics if m.name in terms]
+        for tracker in tracked:
+            tracker.update_state(terms[tracker.name])
+        return {m.name: m.result() for m in tracked}
 
     def train_step(self, images):
-        with tf.GradientTape() as tape:
-            total_loss, reconstruction_loss, vq_loss = self.eq3_losses(images, training=True)
-            # Replicas' gradients are summed under tf.distribute, so each replica's mean loss is
-            # divided by the replica count to give the gradient of the global-batch mean.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled_loss = self.optimizer.scale_loss(total_loss / replicas)
+        """One step on eq. 3 (`loss_terms`); with a discriminator, VQGAN's (Esser et al. 2021,
+        eq. 5-6) in one forward pass: the autoencoder minimises L + on * adversarial_weight *
+        lambda * L_GAN (`adaptive_weight`) while the discriminator minimises on * its hinge
+        loss, with on = 0 before step discriminator_start and 1 from it. Logged as
+        adversarial_loss (L_GAN), discriminator_loss and adaptive_weight (lambda)."""
+        # Replicas' gradients are summed under tf.distribute, so each replica's mean loss is
+        # divided by the replica count to give the gradient of the global-batch mean.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        adversarial = self.discriminator is not None
+        with tf.GradientTape(persistent=adversarial) as tape:
+            reconstructions, terms = self.loss_terms(images, training=True)
+            if adversarial:
+                on = ops.cast(self.training_steps >= self.discriminator_start, "float32")
+                real, fake = ops.split(
+                    self.discriminator(ops.concatenate([images, reconstructions])), 2)
+                terms["adversarial_loss"] = hinge_generator_loss(fake)
+                terms["discriminator_loss"] = hinge_discriminator_loss(real, fake)
+                reconstruction = self.reconstruction_objective(terms)
+                with tape.stop_recording():
+                    terms["adaptive_weight"] = self.last_layer_adaptive_weight(
+                        tape, reconstruction, terms["adversarial_loss"], replicas)
+                terms["loss"] += (on * self.adversarial_weight * terms["adaptive_weight"]
+                                  * terms["adversarial_loss"])
+                discriminator_loss = on * terms["discriminator_loss"] / replicas
+            scaled_loss = self.optimizer.scale_loss(terms["loss"] / replicas)
         gradients = tape.gradient(scaled_loss, self.trainable_weights)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        logs = self._track(total_loss, reconstruction_loss, vq_loss)
+        if adversarial:
+            # Before the start the gradients are 0, and Adam, its moments still 0, leaves the
+            # discriminator as it is (VQGAN likewise multiplies this loss by 0 until then).
+            weights = self.discriminator.trainable_weights
+            gradients = tape.gradient(discriminator_loss, weights)
+            self.discriminator_optimizer.apply_gradients(zip(gradients, weights))
+            self.training_steps.assign_add(1)
+        logs = self._track(terms)
         if self.quantizer_kind == "ema":
             # the quantizer's cumulative count, not a per-epoch metric: it survives a resume
             logs["restarts"] = ops.cast(self.quantizer.restarts, "float32")
         return logs
 
+    def last_layer_adaptive_weight(self, tape, reconstruction_loss, generator_loss, replicas):
+        """VQGAN's lambda (`adaptive_weight`) from the gradients at the kernel of the decoder's
+        last layer. Each replica's gradients are of its mean, so their sum over the replicas, as
+        the optimizer takes it, is the global batch's, and every replica gets the same lambda."""
+        kernel = self.decoder.get_layer("to_image").kernel
+        gradients = [tape.gradient(loss, kernel) / replicas
+                     for loss in (reconstruction_loss, generator_loss)]
+        return adaptive_weight(*cross_replica_sum(gradients))
+
     def test_step(self, images):
-        return self._track(*self.eq3_losses(images, training=False))
+        """Eq. 3's terms on held-out images; no adversarial terms, whose lambda needs
+        gradients and whose discriminator is a moving target."""
+        _, terms = self.loss_terms(images, training=False)
+        return self._track(terms)
 
     def get_config(self):
         return {
@@ -497,5 +760,142 @@ class VQVAE(keras.Model):
             "quantizer": self.quantizer_kind,
             "ema_decay": self.ema_decay,
             "restart_threshold": self.restart_threshold,
+            "reconstruction": self.reconstruction,
+            "spectral_weight": self.spectral_weight,
+            "adversarial_weight": self.adversarial_weight,
+            "discriminator_start": self.discriminator_start,
+            "discriminator_learning_rate": self.discriminator_learning_rate,
             "name": self.name,
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Two levels of codes (VQ-VAE-2, Razavi et al. 2019, section 3.1 and figure 2a)
+
+
+def build_top_encoder(embedding_dim):
+    """Bottom features (B, h, w, D) -> top z_e (B, h/2, w/2, D): one more stride-2 convolution,
+    then the residual blocks and the 1x1 convolution to D that end `build_encoder`."""
+    features = keras.Input(shape=(None, None, embedding_dim), name="features")
+    x = layers.Conv2D(FILTERS, 3, strides=2, padding="same", name="down")(features)
+    for i in range(RESIDUAL_BLOCKS):
+        x = residual_block(x, FILTERS, name=f"res{i + 1}")
+    x = layers.ReLU(name="out_relu")(x)
+    z_e = layers.Conv2D(embedding_dim, 1, name="to_latent")(x)
+    return keras.Model(features, z_e, name="top_encoder")
+
+
+def build_top_decoder(embedding_dim):
+    """Top z_q (B, h, w, D) -> (B, 2h, 2w, D) at the bottom grid, for the bottom quantizer's
+    input: the start of `build_decoder` (3x3 convolution, residual blocks) and one stride-2
+    transposed convolution."""
+    latents = keras.Input(shape=(None, None, embedding_dim), name="latents")
+    x = layers.Conv2D(FILTERS, 3, padding="same", name="from_latent")(latents)
+    for i in range(RESIDUAL_BLOCKS):
+        x = residual_block(x, FILTERS, name=f"res{i + 1}")
+    x = layers.ReLU(name="up_relu")(x)
+    x = layers.Conv2DTranspose(embedding_dim, 3, strides=2, padding="same", name="up")(x)
+    return keras.Model(latents, x, name="top_decoder")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VQVAE2(VQVAE):
+    """A `VQVAE` with two levels of codes (VQ-VAE-2, figure 2a): top codes on the grid of
+    `downsample` for global structure, bottom codes on the grid twice as fine for detail, chosen
+    given the top.
+
+        features = E_bottom(x)                                 image / (downsample / 2)
+        z_q_top = VQ_top(E_top(features))                      image / downsample
+        z_q_bottom = VQ_bottom(conv1x1[features, D_top(z_q_top)])
+        x_hat = D(conv1x1[z_q_bottom, upsample(z_q_top)])
+
+    E_bottom, VQ_bottom and D are the one-level model's encoder, quantizer and decoder at
+    downsample / 2 (`encoder`, `quantizer`, `decoder`); the top level adds `top_encoder`,
+    `top_quantizer` (a quantizer of the same kind, K and D) and `top_decoder`. Training is the
+    one-level model's: its reconstruction losses, with eq. 3's quantizer terms summed over both
+    levels (`vq_loss`, also logged per level as `top_vq_loss` and `bottom_vq_loss`).
+
+    Args: those of `VQVAE`; `downsample`, the top grid's, must be at least 4.
+    """
+
+    levels = 2
+
+    def __init__(self, num_embeddings, embedding_dim, *, pixel_range,
+                 downsample=PAPER_DOWNSAMPLE, **kwargs):
+        downsampling_filters(downsample)  # refuses a downsample that is not a power of 2
+        if downsample < 4:
+            raise ValueError("a two-level model needs downsample >= 4 (its bottom codes are at "
+                             f"downsample / 2 >= 2), got {downsample}")
+        super().__init__(num_embeddings, embedding_dim, pixel_range=pixel_range,
+                         downsample=downsample // 2, **kwargs)
+        # the parent built the bottom level at downsample / 2; the model's grid is the top's
+        self.downsample = downsample
+        self.top_encoder = build_top_encoder(embedding_dim)
+        self.top_quantizer = self.quantizer.from_config(
+            {**self.quantizer.get_config(), "name": "top_quantizer"})
+        self.top_decoder = build_top_decoder(embedding_dim)
+        self.bottom_join = layers.Conv2D(embedding_dim, 1, name="bottom_join")
+        self.top_upsample = layers.Conv2DTranspose(
+            embedding_dim, 3, strides=2, padding="same", name="top_upsample")
+        self.decoder_join = layers.Conv2D(embedding_dim, 1, name="decoder_join")
+        self.top_vq_loss_tracker = keras.metrics.Mean(name="top_vq_loss")
+        self.bottom_vq_loss_tracker = keras.metrics.Mean(name="bottom_vq_loss")
+
+    def code_grids(self, image_size):
+        """Sides of the top and bottom code maps of square images of side image_size."""
+        return (image_size // self.downsample, 2 * image_size // self.downsample)
+
+    def bottom_latent(self, features, top):
+        """The bottom quantizer's input: the bottom features beside the top decoded to their
+        grid, mixed by a 1x1 convolution, so the bottom codes add what the top lacks."""
+        return self.bottom_join(ops.concatenate([features, self.top_decoder(top)], axis=-1))
+
+    def decoder_latent(self, bottom, top):
+        """The decoder's input: z_q of both levels at the bottom grid, mixed by a 1x1 convolution
+        to the D channels the decoder takes."""
+        return self.decoder_join(ops.concatenate([bottom, self.top_upsample(top)], axis=-1))
+
+    def call(self, images, training=False):
+        features = self.encoder(images, training=training)
+        top = self.top_quantizer(self.top_encoder(features), training=training)
+        bottom = self.quantizer(self.bottom_latent(features, top), training=training)
+        return self.decoder(self.decoder_latent(bottom, top))
+
+    def encode_to_indices(self, images):
+        """Images (B, H, W, 1) -> top code maps (B, H/s, W/s) and bottom code maps
+        (B, 2H/s, 2W/s) of codes in [0, K), s = downsample."""
+        features = self.encoder(images)
+        top = self.top_quantizer.code_indices(self.top_encoder(features))
+        bottom_latent = self.bottom_latent(features, self.top_quantizer.lookup(top))
+        return top, self.quantizer.code_indices(bottom_latent)
+
+    def decode_indices(self, top, bottom=None):
+        """Top code maps (B, h, w) and bottom code maps (B, 2h, 2w) -> images (B, s*h, s*w, 1)."""
+        if bottom is None:
+            raise ValueError("a two-level model decodes top and bottom codes together; sample "
+                             "the bottom codes given the top first")
+        return self.decoder(self.decoder_latent(self.quantizer.lookup(bottom),
+                                                self.top_quantizer.lookup(top)))
+
+    @property
+    def metrics(self):
+        return [*super().metrics, self.top_vq_loss_tracker, self.bottom_vq_loss_tracker]
+
+    def train_step(self, images):
+        logs = self._track_levels(super().train_step(images))
+        if self.quantizer_kind == "ema":
+            # `restarts` are the bottom codebook's
+            logs["top_restarts"] = ops.cast(self.top_quantizer.restarts, "float32")
+        return logs
+
+    def test_step(self, images):
+        return self._track_levels(super().test_step(images))
+
+    def _track_levels(self, logs):
+        """Adds each level's eq.-3 quantizer terms in the step just taken; their sum is
+        `vq_loss`."""
+        self.top_vq_loss_tracker.update_state(ops.sum(self.top_quantizer.losses))
+        self.bottom_vq_loss_tracker.update_state(ops.sum(self.quantizer.losses))
+        logs.update(top_vq_loss=self.top_vq_loss_tracker.result(),
+                    bottom_vq_loss=self.bottom_vq_loss_tracker.result())
+        return logs

@@ -1,0 +1,213 @@
+"""The two-level VQ-VAE (VQ-VAE-2): code maps, decoding, both levels' eq. 3 terms, training,
+serialization and one step under tf.distribute, on 32x32 images with top 4x4 and bottom 8x8."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import vqvae
+from conftest import PIXEL_RANGE, REPO, assert_round_trip, smooth_blobs
+
+K, D, DOWNSAMPLE, SIZE = 16, 4, 8, 32
+IMAGES = np.random.default_rng(0).uniform(*PIXEL_RANGE, (4, SIZE, SIZE, 1)).astype("float32")
+
+
+def two_level(quantizer="loss", **kwargs):
+    """A built VQVAE2 (like the one-level model, it is built by its first call)."""
+    model = vqvae.VQVAE2(K, D, pixel_range=PIXEL_RANGE, downsample=DOWNSAMPLE,
+                         quantizer=quantizer, **kwargs)
+    model(IMAGES[:1])
+    return model
+
+
+def quantizer_state(quantizer):
+    return {weight.name: weight.numpy().copy() for weight in quantizer.weights}
+
+
+def test_code_maps_have_the_top_and_bottom_grids():
+    model = two_level()
+    top, bottom = model.encode_to_indices(IMAGES)
+    assert top.shape == (4, 4, 4) and bottom.shape == (4, 8, 8)
+    for codes in (top, bottom):
+        codes = np.asarray(codes)
+        assert np.issubdtype(codes.dtype, np.integer)
+        assert 0 <= codes.min() and codes.max() < K
+    assert (model.levels, model.code_grids(256)) == (2, (32, 64))
+    one_level = vqvae.VQVAE(K, D, pixel_range=PIXEL_RANGE, downsample=DOWNSAMPLE)
+    assert (one_level.levels, one_level.code_grids(256)) == (1, (32,))
+
+
+def test_decoding_the_codes_gives_the_reconstructions():
+    model = two_level()
+    decoded = model.decode_indices(*model.encode_to_indices(IMAGES))
+    np.testing.assert_allclose(decoded, model(IMAGES), atol=1e-6)
+
+
+def test_decoding_the_top_alone_is_refused():
+    model = two_level()
+    top, _ = model.encode_to_indices(IMAGES)
+    with pytest.raises(ValueError, match="sample the bottom codes given the top first"):
+        model.decode_indices(top)
+
+
+@pytest.mark.parametrize("downsample, message", [(2, "downsample >= 4"), (6, "power of 2")])
+def test_a_downsample_without_two_grids_is_refused(downsample, message):
+    with pytest.raises(ValueError, match=message):
+        vqvae.VQVAE2(K, D, pixel_range=PIXEL_RANGE, downsample=downsample)
+
+
+def test_a_top_code_reaches_further_than_a_bottom_code():
+    """Each top code covers 2x2 bottom codes, so changing one moves the decoded image over a
+    larger region than changing the bottom code at the same place; both change it."""
+    keras.utils.set_random_seed(0)
+    model = two_level()
+    images = np.zeros((1, 64, 64, 1), "float32")
+    top, bottom = (np.asarray(codes).copy() for codes in model.encode_to_indices(images))
+    # codebooks far apart and outputs off the clip, so that every change shows
+    for quantizer in (model.top_quantizer, model.quantizer):
+        quantizer.embeddings.assign(np.random.default_rng(1).normal(size=(K, D)))
+    model.decoder.get_layer("to_image").bias.assign([0.0])
+    decoded = model.decode_indices(top, bottom).numpy()
+    assert np.abs(decoded).max() < PIXEL_RANGE[1]
+    other_top, other_bottom = top.copy(), bottom.copy()
+    other_top[0, 4, 4] = (top[0, 4, 4] + 1) % K
+    other_bottom[0, 8, 8] = (bottom[0, 8, 8] + 1) % K
+    moved_by_top = model.decode_indices(other_top, bottom).numpy() != decoded
+    moved_by_bottom = model.decode_indices(top, other_bottom).numpy() != decoded
+    assert 0 < moved_by_bottom.sum() < moved_by_top.sum() < decoded.size
+    assert moved_by_top[moved_by_bottom].all()
+
+
+def eq3_quantizer_terms(quantizer, z_e, beta):
+    """One level's eq. 3 terms in numpy: codebook and beta-weighted commitment for "loss", the
+    commitment term alone for "ema"."""
+    codebook = quantizer.embeddings.numpy()
+    z_e = np.asarray(z_e)
+    nearest = codebook[((z_e[..., None, :] - codebook) ** 2).sum(-1).argmin(-1)]
+    squared_error = ((z_e - nearest) ** 2).mean()
+    codebook_term = 0.0 if isinstance(quantizer, vqvae.EMAVectorQuantizer) else squared_error
+    return codebook_term + beta * squared_error
+
+
+@pytest.mark.parametrize("quantizer", vqvae.QUANTIZERS)
+def test_vq_loss_is_both_levels_eq3_terms(quantizer):
+    beta = 0.5
+    model = two_level(quantizer, beta=beta)
+    _, _, vq_loss = model.eq3_losses(IMAGES, training=False)
+    features = model.encoder(IMAGES)
+    top_z_e = model.top_encoder(features)
+    top = model.top_quantizer.lookup(model.top_quantizer.code_indices(top_z_e))
+    bottom_z_e = model.bottom_latent(features, top)
+    top_terms = eq3_quantizer_terms(model.top_quantizer, top_z_e, beta)
+    bottom_terms = eq3_quantizer_terms(model.quantizer, bottom_z_e, beta)
+    np.testing.assert_allclose(float(vq_loss), top_terms + bottom_terms, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quantizer", vqvae.QUANTIZERS)
+def test_training_reduces_the_loss_and_updates_both_levels(quantizer):
+    keras.utils.set_random_seed(0)
+    images = smooth_blobs(8, SIZE, width=0.05) - 0.5
+    model = two_level(quantizer)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(images, epochs=20, batch_size=4, verbose=0).history
+    expected = {"loss", "reconstruction_loss", "vq_loss", "top_vq_loss", "bottom_vq_loss"}
+    if quantizer == "ema":
+        expected |= {"restarts", "top_restarts"}
+        assert int(model.top_quantizer.updates.numpy()) == 40
+        assert int(model.quantizer.updates.numpy()) == 40
+    assert set(history) == expected
+    assert history["loss"][-1] < 0.7 * history["loss"][0], history["loss"]
+    np.testing.assert_allclose(np.add(history["top_vq_loss"], history["bottom_vq_loss"]),
+                               history["vq_loss"], rtol=1e-5)
+
+
+def test_config_round_trip():
+    model = two_level("ema", beta=0.7, ema_decay=0.8, restart_threshold=0.5)
+    config = model.get_config()
+    assert config["downsample"] == DOWNSAMPLE
+    copy = vqvae.VQVAE2.from_config(config)
+    assert copy.get_config() == config
+    assert isinstance(copy.top_quantizer, vqvae.EMAVectorQuantizer)
+    assert (copy.top_quantizer.decay, copy.top_quantizer.restart_threshold) == (0.8, 0.5)
+
+
+def test_save_load_round_trip_keeps_both_codebooks(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = two_level("ema", beta=0.7, data_variance=0.05)
+    for _ in range(2):
+        model(IMAGES, training=True)  # two EMA updates of each codebook
+    states = [quantizer_state(q) for q in (model.top_quantizer, model.quantizer)]
+    loaded = assert_round_trip(model, IMAGES, tmp_path)
+    assert type(loaded) is vqvae.VQVAE2 and loaded.get_config() == model.get_config()
+    for codes, loaded_codes in zip(model.encode_to_indices(IMAGES),
+                                   loaded.encode_to_indices(IMAGES)):
+        np.testing.assert_array_equal(codes, loaded_codes)
+    for state, level in zip(states, (loaded.top_quantizer, loaded.quantizer)):
+        assert state["updates"] == 2 and state["ema_counts"].any()
+        for name, value in quantizer_state(level).items():
+            np.testing.assert_array_equal(value, state[name], err_msg=name)
+
+
+# Prints, as JSON, how far one step moved the weights and how far the two ways differ.
+ONE_STEP_BOTH_WAYS = textwrap.dedent("""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import vqvae
+
+    def build(quantizer):
+        # decay 0.5: in the first step codes with 2 or more vectors survive, the rest restart
+        model = vqvae.VQVAE2(8, 2, pixel_range=(-0.5, 0.5), downsample=8, beta=0.5,
+                             data_variance=0.1, quantizer=quantizer, ema_decay=0.5,
+                             restart_threshold=1.0)
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        model(np.zeros((1, 32, 32, 1), "float32"))
+        return model
+
+    x = np.random.default_rng(1).uniform(-0.5, 0.5, (4, 32, 32, 1)).astype("float32")
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    results = {}
+    # the EMA kind: both levels' codebook updates aggregate across replicas; the "loss" kind's
+    # codebook gradients are reduced like any other weight's (tests/test_distribution.py)
+    for quantizer in ("ema",):
+        keras.utils.set_random_seed(0)
+        single = build(quantizer)
+        initial = single.get_weights()
+        single.fit(x, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        with strategy.scope():
+            mirrored = build(quantizer)
+        mirrored.set_weights(initial)
+        mirrored.fit(x, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        weights = single.get_weights(), mirrored.get_weights()
+        results[quantizer] = {
+            "moved": float(max(np.abs(a - b).max() for a, b in zip(weights[0], initial))),
+            "gap": float(max(np.abs(a - b).max() for a, b in zip(*weights))),
+        }
+        if quantizer == "ema":
+            results[quantizer]["updates"] = [
+                [int(model.top_quantizer.updates.numpy()), int(model.quantizer.updates.numpy())]
+                for model in (single, mirrored)]
+    print(json.dumps(results))
+""")
+
+
+def test_mirrored_step_matches_single_device_step():
+    """In a process of its own, which splits the CPU before TensorFlow starts; the weights
+    compared include both EMA codebooks and their statistics."""
+    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for quantizer, result in results.items():
+        assert result["moved"] > 1e-3, (quantizer, result)
+        assert result["gap"] < 1e-5 * max(1.0, result["moved"]), (quantizer, result)
+    assert results["ema"]["updates"] == [[1, 1], [1, 1]], results
