@@ -552,6 +552,8 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
                          f"top_grid, got {top_embeddings!r} and {top_grid!r}")
     if top_grid is not None and kind != "gated":
         raise ValueError(f"top codes need the gated prior, got kind {kind!r}")
+    if top_grid is not None and positions is not None:
+        check_multiple(positions, top_grid, "build_pixelcnn")
     codes = keras.Input(shape=(None, None) if positions is None else tuple(positions),
                         dtype="int32", name="codes")
     # A learned embedding is a one-hot input times a K x filters matrix, without the K-wide
