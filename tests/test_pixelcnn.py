@@ -187,6 +187,30 @@ def test_dilated_gated_prior_sees_the_whole_map(float64):
     assert not (changes & (position <= position[:, :1, None])).any()  # none before
 
 
+def compiled_forward(prior):
+    """The prior's forward pass on whole maps, as `predict` runs it, compiled once."""
+    forward = tf.function(lambda inputs: prior(inputs, training=False))
+    return lambda inputs, verbose=0: forward(inputs).numpy()
+
+
+def naive_codes(prior, *args, **kwargs):
+    """pixelcnn.sample_codes_naive with its `predict` replaced by compiled_forward, which
+    computes the same logits (test_compiled_forward_computes_what_predict_computes): predict sets
+    itself up again on each call, once per code, and that set-up is what would take these tests
+    their time."""
+    prior.predict = compiled_forward(prior)
+    return pixelcnn.sample_codes_naive(prior, *args, **kwargs)
+
+
+@pytest.mark.parametrize("condition", pixelcnn.CONDITIONS)
+def test_compiled_forward_computes_what_predict_computes(condition):
+    prior = positioned_prior(condition)
+    codes = np.random.default_rng(3).integers(0, K, size=(len(HEIGHTS), *GRID)).astype("int32")
+    inputs = pixelcnn.prior_inputs(prior, codes, HEIGHTS if condition == "slice" else None)
+    np.testing.assert_array_equal(compiled_forward(prior)(inputs),
+                                  prior.predict(inputs, verbose=0))
+
+
 @pytest.mark.parametrize("kind, dilation_cycle", PRIORS)
 def test_fast_sampler_draws_what_the_naive_loop_draws(kind, dilation_cycle):
     prior = random_prior(kind, dilation_cycle=dilation_cycle)
@@ -194,7 +218,7 @@ def test_fast_sampler_draws_what_the_naive_loop_draws(kind, dilation_cycle):
     # larger than the window in both directions
     grid = (reach.rows_above + 4, reach.columns_left + reach.columns_right + 4)
     fast = pixelcnn.sample_codes(prior, 3, grid, temperature=1.0, seed=7).numpy()
-    naive = pixelcnn.sample_codes_naive(prior, 3, grid, temperature=1.0, seed=7).numpy()
+    naive = naive_codes(prior, 3, grid, temperature=1.0, seed=7).numpy()
     assert fast.shape == (3, *grid) and fast.dtype == np.int32
     assert ((fast >= 0) & (fast < K)).all()
     np.testing.assert_array_equal(fast, naive)
@@ -364,8 +388,7 @@ def test_fast_sampler_draws_what_the_naive_loop_draws_at_each_height():
     reach = pixelcnn.receptive_field(prior.get_layer("vertical_stack"))
     grid = (reach.rows_above + 3, reach.columns_left + 3)  # larger than the windows
     fast = pixelcnn.sample_codes(prior, len(HEIGHTS), grid, seed=7, heights=HEIGHTS).numpy()
-    naive = pixelcnn.sample_codes_naive(prior, len(HEIGHTS), grid, seed=7,
-                                        heights=HEIGHTS).numpy()
+    naive = naive_codes(prior, len(HEIGHTS), grid, seed=7, heights=HEIGHTS).numpy()
     np.testing.assert_array_equal(fast, naive)
 
 
@@ -429,8 +452,7 @@ def test_fast_sampler_draws_what_the_naive_loop_draws_with_positions(condition):
     prior = positioned_prior(condition, grid)
     heights = HEIGHTS if condition == "slice" else None
     fast = pixelcnn.sample_codes(prior, len(HEIGHTS), grid, seed=7, heights=heights).numpy()
-    naive = pixelcnn.sample_codes_naive(prior, len(HEIGHTS), grid, seed=7,
-                                        heights=heights).numpy()
+    naive = naive_codes(prior, len(HEIGHTS), grid, seed=7, heights=heights).numpy()
     np.testing.assert_array_equal(fast, naive)
 
 
