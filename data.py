@@ -215,29 +215,36 @@ def slice_heights(splits, conditional):
 
 
 def encode(model, images, progress=None):
-    """Code maps (N, h, w) of a batched image dataset, computed once; `progress` (a Progbar)
-    advances by one per batch."""
-    codes = []
+    """Code maps of a batched image dataset, computed once: one (N, h, w) array per code level,
+    top first; `progress` (a Progbar) advances by one per batch."""
+    batches = []
     for batch in images:
-        codes.append(model.encode_to_indices(batch).numpy())
+        maps = model.encode_to_indices(batch)
+        batches.append([level.numpy() for level in (maps if model.levels > 1 else [maps])])
         if progress is not None:
             progress.add(1)
-    return np.concatenate(codes)
+    return [np.concatenate(level) for level in zip(*batches)]
 
 
 def code_maps(model, splits, verbose):
-    """{split: its code maps (N, h, w)}, with one progress bar over every split's batches."""
+    """[{split: its code maps (N, h, w)} per code level, top first], with one progress bar over
+    every split's batches."""
     if verbose != QUIET:
         print(f"Encoding the {', '.join(SPLIT_FOLDERS)} images to code maps")
     batches = {split: splits.scaled(split) for split in SPLIT_FOLDERS}
     progress = progress_bar(sum(int(b.cardinality()) for b in batches.values()), verbose,
                             unit="batch")
-    return {split: encode(model, images, progress) for split, images in batches.items()}
+    encoded = {split: encode(model, images, progress) for split, images in batches.items()}
+    return [{split: levels[level] for split, levels in encoded.items()}
+            for level in range(model.levels)]
 
-def code_dataset(codes, heights, batch_size, seed=None):
-    """(codes, codes) pairs, or ((codes, heights), codes) for a conditional prior (heights not
-    None); shuffled each epoch when a seed is given."""
-    inputs = codes if heights is None else (codes, heights)
+
+def code_dataset(codes, heights, batch_size, seed=None, top=None):
+    """(codes, codes) pairs, or ((codes, heights, top), codes) with those of the prior's
+    conditions that are not None: heights for a conditional prior, the top level's code maps
+    for VQ-VAE-2's bottom prior; shuffled each epoch when a seed is given."""
+    conditions = tuple(given for given in (heights, top) if given is not None)
+    inputs = (codes, *conditions) if conditions else codes
     data = untuned(tf.data.Dataset.from_tensor_slices((inputs, codes)))
     if seed is not None:
         data = data.shuffle(len(codes), seed=seed, reshuffle_each_iteration=True)

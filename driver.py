@@ -62,7 +62,6 @@ import data  # noqa: E402
 import evaluation  # noqa: E402
 import pixelcnn  # noqa: E402
 import runs  # noqa: E402
-import vqvae  # noqa: E402
 from runs import PipelineError, Settings  # noqa: E402
 from runs import save_figure  # noqa: E402
 
@@ -70,6 +69,7 @@ FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
 HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
 IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
+PRIOR_NAMES = ("PixelCNN", "bottom PixelCNN")  # each code level's, top first
 # --demo's folder for its figures, beside its other settings (data.DEMO_DEFAULTS).
 DEMO_OUT = Path("resources/demo")
 
@@ -135,7 +135,7 @@ class ValidationQuality(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         originals, reconstructed = evaluation.reconstructions(self.model, self.images, self.shift)
         logs["val_ssim"] = evaluation.reconstruction_metrics(originals, reconstructed)["test_ssim"]
-        counts = evaluation.code_counts(data.encode(self.model, self.images),
+        counts = evaluation.code_counts(data.encode(self.model, self.images)[0],
                                         self.model.num_embeddings)
         logs.update({f"val_{name}": value
                      for name, value in evaluation.codebook_metrics(counts).items()})
@@ -143,15 +143,12 @@ class ValidationQuality(keras.callbacks.Callback):
 
 def train_vqvae(splits, settings, checkpoints, strategy):
     given, vq = settings.data, settings.vqvae
-    print(f"Training the VQ-VAE for {vq.epochs} epochs")
+    print(f"Training the {'two-level ' if vq.levels == 2 else ''}VQ-VAE for {vq.epochs} epochs")
     if settings.verbose != runs.QUIET:
         print("Decoding the training images for their pixel variance")
     variance = data.pixel_variance(splits.train, settings.verbose)
     with strategy.scope():
-        model = vqvae.VQVAE(vq.K, vq.D, beta=vq.beta, data_variance=variance,
-                            pixel_range=(-given.shift, 1.0 - given.shift),
-                            downsample=vq.downsample, quantizer=vq.quantizer,
-                            ema_decay=vq.ema_decay, restart_threshold=vq.restart_threshold)
+        model = vq.build((-given.shift, 1.0 - given.shift), variance)
         model.compile(optimizer=keras.optimizers.Adam(vq.learning_rate))
         model(tf.zeros((1, given.image_size, given.image_size, 1)))  # build, so a backup restores
     runs.fit(model, splits.shuffled_train(given.seed), splits.scaled("validate"), vq.epochs,
@@ -161,20 +158,26 @@ def train_vqvae(splits, settings, checkpoints, strategy):
     return model
 
 
-def train_prior(codes, heights, settings, checkpoints, strategy):
-    """The prior, trained on the training split's code maps (and, when conditional, their
-    heights), validated on the validation split's."""
+def train_prior(codes, heights, top, settings, checkpoints, strategy):
+    """A prior, trained on the training split's code maps (and, when conditional, their
+    heights; for VQ-VAE-2's bottom level, the `top` level's code maps), validated on the
+    validation split's."""
     given, config, train_codes = settings.data, settings.prior, codes["train"]
-    print(f"Training the {config.pcnn_type} PixelCNN (condition: {config.condition}) for "
-          f"{config.pcnn_epochs} epochs on {len(train_codes)} code maps of "
+    given_top = "" if top is None else ", given the top codes"
+    print(f"Training the {config.pcnn_type} PixelCNN (condition: {config.condition}{given_top}) "
+          f"for {config.pcnn_epochs} epochs on {len(train_codes)} code maps of "
           f"{train_codes.shape[1]}x{train_codes.shape[2]}")
     with strategy.scope():
-        prior = config.build(settings.vqvae.K, train_codes.shape[1:])
+        prior = config.build(settings.vqvae.K, train_codes.shape[1:],
+                             None if top is None else top["train"].shape[1:])
         prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    runs.fit(prior, data.code_dataset(train_codes, heights["train"], given.batch_size, given.seed),
-             data.code_dataset(codes["validate"], heights["validate"], given.batch_size),
-             config.pcnn_epochs, checkpoints, settings.out / "logs" / "pixelcnn",
+    split_top = {split: None if top is None else top[split] for split in ("train", "validate")}
+    runs.fit(prior, data.code_dataset(train_codes, heights["train"], given.batch_size, given.seed,
+                                      split_top["train"]),
+             data.code_dataset(codes["validate"], heights["validate"], given.batch_size,
+                               top=split_top["validate"]),
+             config.pcnn_epochs, checkpoints, settings.out / "logs" / checkpoints.keras_file.stem,
              verbose=settings.verbose)
     return prior
 
@@ -185,37 +188,43 @@ def train_prior(codes, heights, settings, checkpoints, strategy):
 
 @dataclass
 class Sampled:
-    """What the prior drew: code maps (N, h, w), their decoded images in [0, 1] (N, H, W, 1),
-    and the relative height each was drawn at (None from an unconditional prior)."""
+    """What the priors drew: the (top) code maps (N, h, w), the decoded images in [0, 1]
+    (N, H, W, 1), and the relative height each was drawn at (None from an unconditional
+    prior)."""
 
     codes: np.ndarray
     images: np.ndarray
     heights: np.ndarray
 
 
-def sample(model, prior, heights, settings):
-    """Draw --num-samples code maps from the prior (at the heights given) and decode them."""
-    grid = settings.data.image_size // settings.vqvae.downsample
-    started = time.perf_counter()
-    rows_done = None
-    if settings.verbose != runs.QUIET:
-        print(f"Sampling {settings.num_samples} code maps of {grid}x{grid}, a row of each at a "
-              "time")
-        rows_done = (runs.LinePerStep(grid, "row") if settings.verbose == runs.LINES
-                     else runs.progress_bar(grid, settings.verbose, unit="row")).update
-    codes = pixelcnn.sample_codes(prior, settings.num_samples, (grid, grid),
-                                  settings.temperature, settings.data.seed, heights, rows_done)
-    images = evaluation.to_unit_range(model.decode_indices(codes), settings.data.shift).numpy()
-    print(f"Sampled {settings.num_samples} code maps of {grid}x{grid} and decoded them in "
-          f"{time.perf_counter() - started:.1f} s")
-    return Sampled(codes.numpy(), images, heights)
+def sample(model, priors, heights, settings):
+    """Draw --num-samples code maps from the priors (at the heights given), each level given
+    the one above it, and decode them."""
+    levels = []
+    for level, (prior, grid) in enumerate(zip(priors, model.code_grids(settings.data.image_size))):
+        started = time.perf_counter()
+        rows_done = None
+        if settings.verbose != runs.QUIET:
+            print(f"Sampling {settings.num_samples} code maps of {grid}x{grid}, a row of each at "
+                  "a time")
+            rows_done = (runs.LinePerStep(grid, "row") if settings.verbose == runs.LINES
+                         else runs.progress_bar(grid, settings.verbose, unit="row")).update
+        # a seed of its own per level: the sampler's draws are seeded by (seed, position)
+        seed = settings.data.seed * len(priors) + level
+        levels.append(pixelcnn.sample_codes(
+            prior, settings.num_samples, (grid, grid), settings.temperature, seed, heights,
+            rows_done, top_codes=levels[-1] if levels else None))
+        print(f"Sampled {settings.num_samples} code maps of {grid}x{grid} in "
+              f"{time.perf_counter() - started:.1f} s")
+    images = evaluation.to_unit_range(model.decode_indices(*levels), settings.data.shift).numpy()
+    return Sampled(levels[0].numpy(), images, heights)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the metrics themselves live in evaluation.py
 
 
-def evaluate(model, prior, splits, sampled, codes, heights, settings):
+def evaluate(model, priors, splits, sampled, codes, heights, settings):
     """metrics.json's content and the anatomy statistics of the three image sets: real test
     slices, their reconstructions and the samples. A conditional prior's NLL is conditional,
     and its samples are also compared with the real slices at their heights. Each two-sample
@@ -239,19 +248,12 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
     metrics = {
         "vqvae": {
             **evaluation.reconstruction_metrics(originals, reconstructed),
-            **evaluation.codebook_metrics(evaluation.code_counts(codes["test"], num_embeddings)),
-            "brain_codebook_perplexity": evaluation.brain_codebook_perplexity(
-                codes["test"], originals, num_embeddings),
-            "brain_code_share": float(
-                evaluation.brain_code_positions(originals, codes["test"].shape[1:]).mean()),
+            **codebook_metrics_by_level(codes, originals, num_embeddings),
             **evaluation.two_sample_metrics(reconstructions_vs_real, "c2st_reconstructions",
                                             "anatomy_reconstructions"),
         },
         "pixelcnn": {
-            "test_nll_bits": evaluation.prior_nll_bits(prior, codes["test"],
-                                                       settings.data.batch_size, heights["test"]),
-            "unigram_bits": evaluation.entropy_bits(
-                evaluation.code_counts(codes["train"], num_embeddings)),
+            **prior_metrics_by_level(priors, codes, heights, settings),
             "uniform_bits": math.log2(num_embeddings),
         },
         "samples": {
@@ -279,6 +281,36 @@ def evaluate(model, prior, splits, sampled, codes, heights, settings):
                   "reconstructions": reconstructions["statistics"],
                   "samples": samples["statistics"]}
     return metrics, statistics
+
+
+LEVEL_PREFIXES = ("", "bottom_")  # of each code level's metrics, top first
+
+
+def codebook_metrics_by_level(codes, originals, num_embeddings):
+    """How each level's codebook is used on the test slices (`originals`, in [0, 1])."""
+    metrics = {}
+    for prefix, level in zip(LEVEL_PREFIXES, codes):
+        test_codes = level["test"]
+        brain_share = evaluation.brain_code_positions(originals, test_codes.shape[1:]).mean()
+        metrics |= {prefix + name: value for name, value in {
+            **evaluation.codebook_metrics(evaluation.code_counts(test_codes, num_embeddings)),
+            "brain_codebook_perplexity": evaluation.brain_codebook_perplexity(
+                test_codes, originals, num_embeddings),
+            "brain_code_share": float(brain_share)}.items()}
+    return metrics
+
+
+def prior_metrics_by_level(priors, codes, heights, settings):
+    """Each level's prior on the test code maps (the bottom's given the top's), beside the code
+    entropy on the training split, which a prior without context reaches."""
+    metrics = {}
+    for prefix, prior, level, top in zip(LEVEL_PREFIXES, priors, codes, [None, *codes]):
+        metrics[prefix + "test_nll_bits"] = evaluation.prior_nll_bits(
+            prior, level["test"], settings.data.batch_size, heights["test"],
+            None if top is None else top["test"])
+        metrics[prefix + "unigram_bits"] = evaluation.entropy_bits(
+            evaluation.code_counts(level["train"], settings.vqvae.K))
+    return metrics
 
 
 def training_subset_reconstructions(model, train_pixels, num_samples, settings):
@@ -578,7 +610,7 @@ def write_figures(model, splits, histories, sampled, codes, statistics, metrics,
     examples = next(iter(splits.scaled("validate").unbatch().batch(FIGURE_EXAMPLES)))
     reconstructions = evaluation.to_unit_range(model(examples), shift)
     originals = evaluation.to_unit_range(examples, shift)
-    plot_codebook_results(originals.numpy(), model.encode_to_indices(examples).numpy(),
+    plot_codebook_results(originals.numpy(), data.encode(model, [examples])[0],
                           reconstructions.numpy(),
                           evaluation.ssim(originals, reconstructions).numpy(), num_embeddings,
                           out / "codebook_results.png")
@@ -590,7 +622,7 @@ def write_figures(model, splits, histories, sampled, codes, statistics, metrics,
     if sampled.heights is not None:
         plot_samples_by_slice(splits.unit_range("test"), splits.heights("test"), sampled.images,
                               sampled.heights, out / "samples_by_slice.png")
-    plot_codebook_usage(evaluation.code_counts(codes["test"], num_embeddings),
+    plot_codebook_usage(evaluation.code_counts(codes[0]["test"], num_embeddings),
                         out / "codebook_usage.png")
     plot_realism(statistics, metrics["samples"]["anatomy"], out / "realism.png")
     plot_memorisation(*evaluation.most_memorised(sampled.images, splits.pixels("train"),
@@ -619,9 +651,9 @@ def run(settings):
     vq_checkpoints, prior_checkpoints = runs.prepare_checkpoints(
         settings.checkpoint_dir, settings.model_settings(), settings.fresh,
         settings.evaluate)
-    train_vq, train_pcnn = (not settings.evaluate and runs.needs_training(checkpoints, strategy)
-                            for checkpoints in (vq_checkpoints, prior_checkpoints))
-    if own_folder and not (train_vq or train_pcnn):
+    train_vq, *train_priors = (not settings.evaluate and runs.needs_training(checkpoints, strategy)
+                               for checkpoints in (vq_checkpoints, *prior_checkpoints))
+    if own_folder and not (train_vq or any(train_priors)):
         return runs.finish_worker(own_folder)
 
     splits = data.load_splits(given.data, given.image_size, given.shift, given.batch_size,
@@ -633,25 +665,29 @@ def run(settings):
         runs.save_model(train_vqvae(splits, settings, vq_checkpoints, strategy),
                         vq_checkpoints.keras_file)
     model = runs.load_finished("VQ-VAE", vq_checkpoints)
-    codes = data.code_maps(model, splits, settings.verbose)
-    if train_pcnn:
-        runs.save_model(train_prior(codes, heights, settings, prior_checkpoints, strategy),
-                        prior_checkpoints.keras_file)
-    prior = runs.load_finished("PixelCNN", prior_checkpoints)
+    codes = data.code_maps(model, splits, settings.verbose)  # per level, top first
+    priors = []
+    for level, checkpoints in enumerate(prior_checkpoints):
+        top = codes[level - 1] if level else None
+        if train_priors[level]:
+            runs.save_model(train_prior(codes[level], heights, top, settings, checkpoints,
+                                        strategy), checkpoints.keras_file)
+        priors.append(runs.load_finished(PRIOR_NAMES[level], checkpoints))
     if own_folder:
         return runs.finish_worker(own_folder)
 
-    sampled = sample(model, prior, drawn_at, settings)
+    sampled = sample(model, priors, drawn_at, settings)
     runs.save_sample_pngs(sampled.images, settings.out / "samples", drawn_at)
-    metrics, statistics = evaluate(model, prior, splits, sampled, codes, heights, settings)
+    metrics, statistics = evaluate(model, priors, splits, sampled, codes, heights, settings)
     runs.save_json(metrics, settings.out / "metrics.json")
     runs.save_json(settings.flat(), settings.out / "run_settings.json")
     write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
-                                  for checkpoints in (vq_checkpoints, prior_checkpoints)],
+                                  for checkpoints in (vq_checkpoints, prior_checkpoints[0])],
                   sampled, codes, statistics, metrics, settings)
     evaluation.print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")
-    print(f"Models: {vq_checkpoints.keras_file}, {prior_checkpoints.keras_file}")
+    models = (vq_checkpoints, *prior_checkpoints)
+    print(f"Models: {', '.join(str(checkpoints.keras_file) for checkpoints in models)}")
 
 
 def main(argv=None):

@@ -158,14 +158,17 @@ def brain_codebook_perplexity(codes, images, num_embeddings):
     return float(2 ** entropy_bits(code_counts(codes[brain], num_embeddings)))
 
 
-def prior_nll_bits(prior, codes, batch_size, heights=None):
+def prior_nll_bits(prior, codes, batch_size, heights=None, top_codes=None):
     """Mean negative log-likelihood per code, in bits, of code maps under the prior: -log2 p(c),
-    or -log2 p(c | h) for a conditional prior given the maps' relative heights h."""
+    or -log2 p(c | h) for a conditional prior given the maps' relative heights h (and
+    -log2 p(c | top codes, h) for VQ-VAE-2's bottom prior)."""
     total, count = 0.0, 0
     for start in range(0, len(codes), batch_size):
         batch = codes[start:start + batch_size]
-        batch_heights = None if heights is None else heights[start:start + batch_size]
-        logits = prior(pixelcnn.prior_inputs(prior, batch, batch_heights), training=False)
+        batch_heights, batch_top = (None if given is None else given[start:start + batch_size]
+                                    for given in (heights, top_codes))
+        logits = prior(pixelcnn.prior_inputs(prior, batch, batch_heights, batch_top),
+                       training=False)
         nll = keras.losses.sparse_categorical_crossentropy(batch, logits, from_logits=True)
         total += float(tf.reduce_sum(nll))
         count += int(tf.size(nll))

@@ -35,7 +35,9 @@ REPOSITORY = Path(__file__).resolve().parent
 PIXEL_MAX = 255.0
 SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
-LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none"}
+LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "levels": 1,
+                   "reconstruction": "mse", "spectral_weight": 0.0, "adversarial_weight": 0.0,
+                   "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START}
 FIGURE_DPI = 120
 # tf.image.ssim's Gaussian window is 11 pixels wide, and the code grid is smaller still.
 MIN_IMAGE_SIZE = 16
@@ -136,9 +138,42 @@ class VQVAEConfig:
         help="an EMA code used by fewer encoder outputs per batch than this (moving average) is "
              "restarted at an encoder output drawn in proportion to its squared quantization "
              "error; 0 never restarts")
+    levels: int = setting(
+        1, type=int, choices=(1, 2),
+        help="1: one code map at the grid of --downsample; 2: VQ-VAE-2's hierarchy, top codes "
+             "at that grid and bottom codes at twice its resolution, each level with its own "
+             "codebook and prior, the bottom prior conditioned on the top codes (needs "
+             "--downsample >= 4)")
+    reconstruction: str = setting(
+        vqvae.PAPER_RECONSTRUCTION, choices=vqvae.RECONSTRUCTIONS,
+        help="the reconstruction term: mse, the squared error over the data variance (eq. 3); "
+             f"l1_msssim, Zhao et al. 2017's {vqvae.ZHAO_ALPHA} (1 - MS-SSIM) + "
+             f"{1 - vqvae.ZHAO_ALPHA:.2f} L1")
+    spectral_weight: float = setting(
+        0.0, type=non_negative_float,
+        help="weight of a spectral loss, the L1 distance of the log Fourier amplitudes, which "
+             "penalises the loss of fine detail that pixel losses tolerate; 0 turns it off")
+    adversarial_weight: float = setting(
+        0.0, type=non_negative_float,
+        help="weight of a patch discriminator's hinge loss (VQGAN, Esser et al. 2021), scaled "
+             "by VQGAN's adaptive weight; 0 builds no discriminator")
+    discriminator_start: int = setting(
+        vqvae.VQGAN_DISCRIMINATOR_START, type=non_negative_int,
+        help="training step at which the discriminator and its loss switch on")
     epochs: int = setting(30, type=non_negative_int, help="VQ-VAE training epochs")
     learning_rate: float = setting(1e-3, type=positive_float, alias="--learning_rate",
                                    help="VQ-VAE Adam learning rate")
+
+    def build(self, pixel_range, data_variance):
+        """The VQ-VAE (VQ-VAE-2 with two levels), uncompiled."""
+        model = vqvae.VQVAE2 if self.levels == 2 else vqvae.VQVAE
+        return model(self.K, self.D, beta=self.beta, data_variance=data_variance,
+                     pixel_range=pixel_range, downsample=self.downsample,
+                     quantizer=self.quantizer, ema_decay=self.ema_decay,
+                     restart_threshold=self.restart_threshold,
+                     reconstruction=self.reconstruction, spectral_weight=self.spectral_weight,
+                     adversarial_weight=self.adversarial_weight,
+                     discriminator_start=self.discriminator_start)
 
 
 @dataclass(frozen=True)
@@ -185,13 +220,16 @@ class PriorConfig:
     def conditional(self):
         return self.condition == "slice"
 
-    def build(self, num_embeddings, grid_shape):
-        """The prior over code maps of grid_shape (rows, columns), uncompiled."""
+    def build(self, num_embeddings, grid_shape, top_grid=None):
+        """The prior over code maps of grid_shape (rows, columns), uncompiled; with top_grid,
+        VQ-VAE-2's bottom prior, conditioned on top code maps of that grid."""
         return pixelcnn.build_pixelcnn(
             num_embeddings, self.pcnn_filters, self.pcnn_res_blocks, self.pcnn_layers,
             kind=self.pcnn_type, dilation_cycle=self.pcnn_dilation_cycle,
             condition=self.condition,
-            positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None)
+            positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None,
+            top_embeddings=None if top_grid is None else num_embeddings,
+            top_grid=None if top_grid is None else tuple(top_grid))
 
 
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices.
@@ -361,6 +399,10 @@ class Settings:
             yield "--pcnn-positions", f"{prior.pcnn_positions} needs --pcnn-type gated"
         if self.slice is not None and not prior.conditional:
             yield "--slice", "only a prior with --condition slice takes heights"
+        if vq.levels == 2 and vq.downsample < 4:
+            yield "--levels", f"2 needs --downsample >= 4 (the bottom grid's), got {vq.downsample}"
+        if vq.levels == 2 and prior.pcnn_type != "gated":
+            yield "--levels", "2 needs --pcnn-type gated (the bottom prior reads the top codes)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,16 +681,21 @@ class Checkpoints:
         shutil.rmtree(self.backup, ignore_errors=True)
 
 
+PRIOR_NAMES = ("pixelcnn", "pixelcnn_bottom")  # the prior of each code level, top first
+
+
 def prepare_checkpoints(folder, settings, fresh, evaluate):
-    """The two models' checkpoints in folder; `fresh` removes them, and a run that resumes them
-    must have been given the settings (a `model_settings` dict) they were made with."""
+    """The VQ-VAE's checkpoints and a list of its priors' (one per code level) in folder;
+    `fresh` removes them, and a run that resumes them must have been given the settings (a
+    `model_settings` dict) they were made with."""
     prepare_folder(folder, "--checkpoint-dir")
-    checkpoints = Checkpoints.in_folder(folder, "vqvae"), Checkpoints.in_folder(folder, "pixelcnn")
+    vq = Checkpoints.in_folder(folder, "vqvae")
+    priors = [Checkpoints.in_folder(folder, name) for name in PRIOR_NAMES[:settings["levels"]]]
     if evaluate:
-        return checkpoints
+        return vq, priors
     if fresh:
-        for checkpoint in checkpoints:
-            checkpoint.remove()
+        for name in ("vqvae", *PRIOR_NAMES):
+            Checkpoints.in_folder(folder, name).remove()
         (folder / SETTINGS_FILE).unlink(missing_ok=True)
     saved = saved_settings(folder)
     if saved is not None:
@@ -658,7 +705,7 @@ def prepare_checkpoints(folder, settings, fresh, evaluate):
                                 f"({', '.join(changed)}); pass --fresh to start over, or another "
                                 "--checkpoint-dir")
     save_json(settings, folder / SETTINGS_FILE)
-    return checkpoints
+    return vq, priors
 
 
 def load_finished(what, checkpoints):
