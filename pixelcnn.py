@@ -941,8 +941,8 @@ class _GatedSteps(RasterSteps):
       later code reads, and the drawn codes' embeddings (after_draw).
 
     What the prior is conditioned on enters once: the heights' projections, the same at every
-    position, before the loops; the top codes' features on the bottom grid too, then each row
-    takes its row of them, and each code its own.
+    position, before the loops; the top codes' features too, on the top grid, then each row
+    takes its row of them upsampled to the bottom grid, and each code its own.
     """
 
     def __init__(self, prior, grid_shape):
@@ -990,16 +990,21 @@ class _GatedSteps(RasterSteps):
     def conditions(self, heights, top_codes):
         """everywhere: the stacks' height inputs, the embedded heights (B, F), and every layer
         that reads only them (the projections V^T h, (B, 2F)), by name; or none. top: the top
-        codes' features on the bottom grid (B, h, w, F), or None. Computed once per call, not
-        at every position."""
+        codes' features (B, th, tw, F), or None. Computed once per call, not at every
+        position."""
         everywhere = {}
         if self.height_embedding is not None:
             embedded = self.height_embedding(heights)
             values = {name: embedded for name in self.condition_inputs}
             everywhere = _run_on(self.horizontal_steps, _run_on(self.vertical_steps, values))
-        top = (None if self.top_stack is None else
-               self.top_upsample.to_grid(self.top_stack(top_codes), (self.height, self.width)))
+        top = None if self.top_stack is None else self.top_stack(top_codes)
         return {"everywhere": everywhere, "top": top}
+
+    def top_row(self, conditions, row):
+        """The top codes' features at one row of the bottom grid, (B, 1, w, F)."""
+        features = conditions["top"]  # (B, th, tw, F)
+        above = row // (self.height // features.shape[1])  # the top row that covers it
+        return self.top_upsample.to_grid(features[:, above : above + 1], (1, self.width))
 
     def begin_map(self, codes):
         """For each vertical layer a later row reads: its outputs at the rows above (zeros
@@ -1013,7 +1018,7 @@ class _GatedSteps(RasterSteps):
         values = {self.vertical_input: self.embedded(codes[:, row : row + 1], row),  # (B, 1, w, F)
                   **conditions["everywhere"]}
         if self.vertical_top is not None:
-            values[self.vertical_top] = conditions["top"][:, row : row + 1]  # (B, 1, w, F)
+            values[self.vertical_top] = self.top_row(conditions, row)
         return _run_at(self.vertical_steps, values, "at_row",
                        lambda source, n: map_state[source][:, -n, None])
 
@@ -1034,7 +1039,7 @@ class _GatedSteps(RasterSteps):
                 array = array.write(col, tf.zeros((batch, 1, 1, channels)))
             history[name] = array
         top = ({} if self.horizontal_top is None else _run_on(
-            self.horizontal_steps, {self.horizontal_top: conditions["top"][:, row : row + 1]}))
+            self.horizontal_steps, {self.horizontal_top: self.top_row(conditions, row)}))
         return {"links": links, "history": history, "top": top}
 
     def logits_at(self, codes, row, col, row_state, conditions):
