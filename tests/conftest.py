@@ -131,11 +131,13 @@ def one_line_error(capsys, argv):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One finished tiny run (data, out, checkpoints, the CompletedProcess), shared by the tests
-    that only read its outputs; a test that changes them works on a copy (`copied_run`)."""
+    that only read its outputs; a test that changes them works on a copy (`copied_run`). Quiet
+    (--verbose 0), so that its console is also the one a quiet run prints."""
     root = tmp_path_factory.mktemp("tiny_run")
     data = write_split_folders(root / "data")
     out, checkpoints = root / "out", root / "checkpoints"
-    result = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, *TINY_RUN)
+    result = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, *TINY_RUN,
+                        "--verbose", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     return {"data": data, "out": out, "checkpoints": checkpoints, "result": result}
 

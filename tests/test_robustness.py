@@ -195,8 +195,8 @@ def test_unwritable_checkpoint_dir(tmp_path, capsys):
 
 
 def test_same_seed_same_metrics(tiny_run, tmp_path):
-    """A second run with the shared tiny run's arguments and seed, in another process, gives
-    its metrics."""
+    """A second run with the shared tiny run's arguments and seed, in another process and at
+    the default --verbose (the tiny run is quiet), gives its metrics."""
     out = tmp_path / "out"
     run_in_process("--data", tiny_run["data"], "--out", out,
                    "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
