@@ -211,3 +211,70 @@ def test_mirrored_step_matches_single_device_step():
         assert result["moved"] > 1e-3, (quantizer, result)
         assert result["gap"] < 1e-5 * max(1.0, result["moved"]), (quantizer, result)
     assert results["ema"]["updates"] == [[1, 1], [1, 1]], results
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline with --levels 2
+
+
+@pytest.fixture(scope="module")
+def two_level_run(tmp_path_factory):
+    """A tiny two-level run in this process: 32x32 slices of two heights, top 4x4 and bottom
+    8x8 codes, both priors conditioned on the height and the bottom one on the top codes."""
+    from conftest import TINY_MODELS, run_in_process, write_split_folders
+
+    root = tmp_path_factory.mktemp("two_levels")
+    data = write_split_folders(root / "data", slices_per_case=2)
+    out = root / "out"
+    args = ["--data", data, "--out", out, "--image-size", SIZE, "--downsample", DOWNSAMPLE,
+            "--levels", "2", *TINY_MODELS, "--num-samples", "10", "--verbose", "0"]
+    printed = run_in_process(*args)
+    return {"data": data, "out": out, "args": args, "printed": printed}
+
+
+def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_run):
+    out = two_level_run["out"]
+    assert {path.name for path in (out / "checkpoints").glob("*.keras")} == {
+        "vqvae.keras", "pixelcnn.keras", "pixelcnn_bottom.keras"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    for level in ("", "bottom_"):
+        assert 0 < metrics["vqvae"][f"{level}codes_used"] <= 1
+        assert 0 < metrics["pixelcnn"][f"{level}test_nll_bits"] < 2 * np.log2(K)
+    assert len(list((out / "samples").glob("*.png"))) == 10
+
+
+def test_the_bottom_nll_is_the_bottom_priors_given_the_top_codes(two_level_run):
+    """Recomputed from the saved models by hand: the driver must give the bottom prior the top
+    codes of the same slices (and their heights), not its own codes or another slice's."""
+    import data
+
+    out = two_level_run["out"]
+    model = keras.models.load_model(out / "checkpoints" / "vqvae.keras")
+    bottom_prior = keras.models.load_model(out / "checkpoints" / "pixelcnn_bottom.keras")
+    splits = data.load_splits(two_level_run["data"], SIZE, 0.5, 8, demo=False)
+    top, bottom = data.encode(model, splits.scaled("test"))
+    heights = splits.heights("test")
+    logits = bottom_prior([bottom, heights, top], training=False)
+    nll = keras.losses.sparse_categorical_crossentropy(bottom, logits, from_logits=True)
+    expected = float(np.mean(nll)) / np.log(2)
+    saved = json.loads((out / "metrics.json").read_text())["pixelcnn"]["bottom_test_nll_bits"]
+    assert saved == pytest.approx(expected, rel=1e-4)
+    shuffled = bottom_prior([bottom, heights, top[::-1]], training=False)
+    wrong = keras.losses.sparse_categorical_crossentropy(bottom, shuffled, from_logits=True)
+    assert float(np.mean(wrong)) / np.log(2) != pytest.approx(expected, rel=1e-4)
+
+
+def test_a_two_level_run_evaluates_again_to_the_same_metrics(two_level_run, tmp_path):
+    from conftest import run_in_process
+
+    out = two_level_run["out"]
+    before = json.loads((out / "metrics.json").read_text())
+    run_in_process(*two_level_run["args"], "--evaluate")
+    assert json.loads((out / "metrics.json").read_text()) == before
+
+
+def test_two_levels_need_a_downsample_of_at_least_4(capsys):
+    from conftest import one_line_error
+
+    message = one_line_error(capsys, ["--levels", "2", "--downsample", "2"])
+    assert "--levels" in message and "--downsample >= 4" in message
