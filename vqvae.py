@@ -533,8 +533,8 @@ class VQVAE(keras.Model):
         restart_threshold: EMA count below which a code is restarted (quantizer="ema" only;
             ours, as the paper has no restarts: see RESTART_THRESHOLD).
         reconstruction: the reconstruction term, "mse" for eq. 3's squared error divided by
-            data_variance, "l1_msssim" for Zhao et al. 2017's mix of MS-SSIM and L1
-            (`l1_msssim_loss`; data_variance is then unused) (eq. 3's "mse" by default).
+            data_variance (the default), "l1_msssim" for Zhao et al. 2017's mix of MS-SSIM and
+            L1 (`l1_msssim_loss`), which does not use data_variance.
         spectral_weight: weight of the spectral loss (`spectral_loss`) added to the
             reconstruction term; 0, the default, adds none.
         adversarial_weight: weight of VQGAN's adversarial term on top of its adaptive weight
