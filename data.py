@@ -28,10 +28,10 @@ SPLIT_FOLDERS = {
     "test": "keras_png_slices_test",
 }
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
-# --demo: the bundled slices with settings that finish on a 2-core CPU in minutes; a 64x64 image
-# at the paper's downsampling keeps the seed's 16x16 code grid.
+# --demo: the bundled slices with settings that finish on a 2-core CPU in minutes, and a folder
+# of its own; a 64x64 image at the paper's downsampling keeps the seed's 16x16 code grid.
 DEMO_DEFAULTS = dict(data=DEMO_DATA, image_size=64, downsample=vqvae.PAPER_DOWNSAMPLE, epochs=40,
-                     pcnn_epochs=40)
+                     pcnn_epochs=40, out=Path("resources/demo"))
 OASIS_SOURCE = (
     "OASIS slices come as keras_png_slices_data.zip from the OASIS-1 brain MRI project "
     "(oasis-brains.org, via your course page); unzip it and pass the folder holding "

@@ -62,16 +62,17 @@ import data  # noqa: E402
 import evaluation  # noqa: E402
 import pixelcnn  # noqa: E402
 import runs  # noqa: E402
-from runs import PipelineError, Settings  # noqa: E402
-from runs import save_figure  # noqa: E402
+from runs import (  # noqa: E402
+    PipelineError,
+    Settings,
+    save_figure,  # noqa: E402
+)
 
 FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
 HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
 IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
 PRIOR_NAMES = ("PixelCNN", "bottom PixelCNN")  # each code level's, top first
-# --demo's folder for its figures, beside its other settings (data.DEMO_DEFAULTS).
-DEMO_OUT = Path("resources/demo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def build_parser():
     for title, fields in runs.flag_groups():
         runs.add_flags(groups[title], fields)
     demo = ", ".join(f"--{name.replace('_', '-')} {runs.portable(value)}"
-                     for name, value in demo_defaults().items())
+                     for name, value in data.DEMO_DEFAULTS.items())
     groups[runs.DATA_FLAGS].add_argument(
         "--demo", action="store_true",
         help=f"the bundled demo slices, with settings that finish in minutes on a CPU ({demo}); "
@@ -101,16 +102,12 @@ def build_parser():
     return parser
 
 
-def demo_defaults():
-    return data.DEMO_DEFAULTS | {"out": DEMO_OUT}
-
-
 def parse_args(argv=None):
     """The run's Settings from the command line; impossible combinations are refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo:
-        parser.set_defaults(**demo_defaults())
+        parser.set_defaults(**data.DEMO_DEFAULTS)
         args = parser.parse_args(argv)
     settings = Settings.from_flags(args)
     for flag, problem in settings.refusals():
@@ -248,12 +245,14 @@ def evaluate(model, priors, splits, sampled, codes, heights, settings):
     metrics = {
         "vqvae": {
             **evaluation.reconstruction_metrics(originals, reconstructed),
-            **codebook_metrics_by_level(codes, originals, num_embeddings),
+            **evaluation.codebook_metrics_by_level([level["test"] for level in codes],
+                                                   originals, num_embeddings),
             **evaluation.two_sample_metrics(reconstructions_vs_real, "c2st_reconstructions",
                                             "anatomy_reconstructions"),
         },
         "pixelcnn": {
-            **prior_metrics_by_level(priors, codes, heights, settings),
+            **evaluation.prior_metrics_by_level(priors, codes, heights["test"],
+                                                settings.data.batch_size, num_embeddings),
             "uniform_bits": math.log2(num_embeddings),
         },
         "samples": {
@@ -283,36 +282,6 @@ def evaluate(model, priors, splits, sampled, codes, heights, settings):
     return metrics, statistics
 
 
-LEVEL_PREFIXES = ("", "bottom_")  # of each code level's metrics, top first
-
-
-def codebook_metrics_by_level(codes, originals, num_embeddings):
-    """How each level's codebook is used on the test slices (`originals`, in [0, 1])."""
-    metrics = {}
-    for prefix, level in zip(LEVEL_PREFIXES, codes):
-        test_codes = level["test"]
-        brain_share = evaluation.brain_code_positions(originals, test_codes.shape[1:]).mean()
-        metrics |= {prefix + name: value for name, value in {
-            **evaluation.codebook_metrics(evaluation.code_counts(test_codes, num_embeddings)),
-            "brain_codebook_perplexity": evaluation.brain_codebook_perplexity(
-                test_codes, originals, num_embeddings),
-            "brain_code_share": float(brain_share)}.items()}
-    return metrics
-
-
-def prior_metrics_by_level(priors, codes, heights, settings):
-    """Each level's prior on the test code maps (the bottom's given the top's), beside the code
-    entropy on the training split, which a prior without context reaches."""
-    metrics = {}
-    for prefix, prior, level, top in zip(LEVEL_PREFIXES, priors, codes, [None, *codes]):
-        metrics[prefix + "test_nll_bits"] = evaluation.prior_nll_bits(
-            prior, level["test"], settings.data.batch_size, heights["test"],
-            None if top is None else top["test"])
-        metrics[prefix + "unigram_bits"] = evaluation.entropy_bits(
-            evaluation.code_counts(level["train"], settings.vqvae.K))
-    return metrics
-
-
 def training_subset_reconstructions(model, train_pixels, num_samples, settings):
     """A seeded random subset of the training slices (evaluation.training_subset, twice the
     samples) and their reconstructions, both in [0, 1]: the training split is larger than the
@@ -336,8 +305,9 @@ FIGURE_WIDTH = 7.5  # inches
 CODE_COLOURS_SEED = 0  # the palette's order: the same code has the same colour in every figure
 CODE_COLOURS_NOTE = "code maps: one colour per code index, in an arbitrary order"
 VQ_LOSSES = {"loss": ("VQ-VAE: total loss", "loss"),
-             "reconstruction_loss": ("VQ-VAE: reconstruction", "MSE / data variance"),
+             "reconstruction_loss": ("VQ-VAE: reconstruction", None),  # RECONSTRUCTION_TERMS
              "vq_loss": ("VQ-VAE: VQ loss", "codebook + β · commitment")}
+RECONSTRUCTION_TERMS = {"mse": "MSE / data variance", "l1_msssim": "α (1 − MS-SSIM) + (1 − α) L1"}
 
 
 def epoch_axis(ax):
@@ -372,11 +342,12 @@ def plot_curves(ax, history, key, title, ylabel):
     epoch_axis(ax)
 
 
-def plot_losses(vq_history, prior_history, path, unigram_bits=None):
+def plot_losses(vq_history, prior_history, path, unigram_bits=None, reconstruction="mse"):
     """Training and validation losses per epoch: the VQ-VAE's three, on log scales since the late
     epochs' progress is a small fraction of the first's, and, with its history, the prior's
     cross-entropy, where a rising validation curve shows it overfitting. `unigram_bits`, the
-    code entropy on the training split, is what a prior that ignores context reaches."""
+    code entropy on the training split, is what a prior that ignores context reaches;
+    `reconstruction` is --reconstruction, the VQ-VAE's reconstruction term."""
     panels = [*(VQ_LOSSES if vq_history else ()), *(["prior"] if prior_history else [])]
     rows = math.ceil(len(panels) / 2)
     fig = Figure(figsize=(FIGURE_WIDTH, 2.6 * rows + 0.4), layout="constrained")
@@ -392,7 +363,9 @@ def plot_losses(vq_history, prior_history, path, unigram_bits=None):
                 ax.axhline(unigram_bits, color="grey", linestyle="--",
                            label="code entropy (no context)")
         else:
-            plot_curves(ax, vq_history, panel, *VQ_LOSSES[panel])
+            title, ylabel = VQ_LOSSES[panel]
+            plot_curves(ax, vq_history, panel, title,
+                        ylabel or RECONSTRUCTION_TERMS[reconstruction])
             plain_log_axis(ax)
     handles = {label: handle for ax in axes[:len(panels)]
                for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -604,7 +577,7 @@ def write_figures(model, splits, histories, sampled, codes, statistics, metrics,
     vq_history, prior_history = histories
     if vq_history or prior_history:
         plot_losses(vq_history, prior_history, out / "loss_plot.png",
-                    metrics["pixelcnn"]["unigram_bits"])
+                    metrics["pixelcnn"]["unigram_bits"], settings.vqvae.reconstruction)
     if vq_history:
         plot_validation_quality(vq_history, num_embeddings, out / "ssim_plot.png")
     examples = next(iter(splits.scaled("validate").unbatch().batch(FIGURE_EXAMPLES)))

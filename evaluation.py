@@ -158,6 +158,35 @@ def brain_codebook_perplexity(codes, images, num_embeddings):
     return float(2 ** entropy_bits(code_counts(codes[brain], num_embeddings)))
 
 
+LEVEL_PREFIXES = ("", "bottom_")  # of each code level's metrics, top first
+
+
+def codebook_metrics_by_level(codes, images, num_embeddings):
+    """How each level's codebook is used on code maps (one array per level, top first) of
+    images in [0, 1]."""
+    metrics = {}
+    for prefix, level in zip(LEVEL_PREFIXES, codes):
+        brain_share = brain_code_positions(images, level.shape[1:]).mean()
+        metrics |= {prefix + name: value for name, value in {
+            **codebook_metrics(code_counts(level, num_embeddings)),
+            "brain_codebook_perplexity": brain_codebook_perplexity(level, images, num_embeddings),
+            "brain_code_share": float(brain_share)}.items()}
+    return metrics
+
+
+def prior_metrics_by_level(priors, codes, test_heights, batch_size, num_embeddings):
+    """Each level's prior on the test code maps (the bottom's given the top's), beside the code
+    entropy on the training split, which a prior without context reaches. `codes` holds a
+    {split: code maps} per level, top first."""
+    metrics = {}
+    for prefix, prior, level, top in zip(LEVEL_PREFIXES, priors, codes, [None, *codes]):
+        metrics[prefix + "test_nll_bits"] = prior_nll_bits(
+            prior, level["test"], batch_size, test_heights, None if top is None else top["test"])
+        metrics[prefix + "unigram_bits"] = entropy_bits(code_counts(level["train"],
+                                                                    num_embeddings))
+    return metrics
+
+
 def prior_nll_bits(prior, codes, batch_size, heights=None, top_codes=None):
     """Mean negative log-likelihood per code, in bits, of code maps under the prior: -log2 p(c),
     or -log2 p(c | h) for a conditional prior given the maps' relative heights h (and

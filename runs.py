@@ -37,7 +37,8 @@ SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
 LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "levels": 1,
                    "reconstruction": "mse", "spectral_weight": 0.0, "adversarial_weight": 0.0,
-                   "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START}
+                   "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START,
+                   "discriminator_learning_rate": vqvae.PIX2PIX_LEARNING_RATE}
 FIGURE_DPI = 120
 # tf.image.ssim's Gaussian window is 11 pixels wide, and the code grid is smaller still.
 MIN_IMAGE_SIZE = 16
@@ -160,6 +161,10 @@ class VQVAEConfig:
     discriminator_start: int = setting(
         vqvae.VQGAN_DISCRIMINATOR_START, type=non_negative_int,
         help="training step at which the discriminator and its loss switch on")
+    discriminator_learning_rate: float = setting(
+        vqvae.PIX2PIX_LEARNING_RATE, type=positive_float,
+        help="the discriminator's Adam learning rate (pix2pix's for a patch discriminator "
+             "trained from scratch)")
     epochs: int = setting(30, type=non_negative_int, help="VQ-VAE training epochs")
     learning_rate: float = setting(1e-3, type=positive_float, alias="--learning_rate",
                                    help="VQ-VAE Adam learning rate")
@@ -173,7 +178,8 @@ class VQVAEConfig:
                      restart_threshold=self.restart_threshold,
                      reconstruction=self.reconstruction, spectral_weight=self.spectral_weight,
                      adversarial_weight=self.adversarial_weight,
-                     discriminator_start=self.discriminator_start)
+                     discriminator_start=self.discriminator_start,
+                     discriminator_learning_rate=self.discriminator_learning_rate)
 
 
 @dataclass(frozen=True)

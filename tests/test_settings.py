@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import data
 import driver
 import runs
 
@@ -31,7 +32,7 @@ def test_flag_defaults_are_the_configs_defaults():
 
 def test_demo_resolves_to_its_defaults_and_explicit_flags_win():
     demo = driver.parse_args(["--demo"]).flat()
-    expected = {name: runs.portable(value) for name, value in driver.demo_defaults().items()}
+    expected = {name: runs.portable(value) for name, value in data.DEMO_DEFAULTS.items()}
     assert {name: demo[name] for name in expected} == expected
     changed = {name for name, value in driver.parse_args([]).flat().items() if demo[name] != value}
     assert changed == set(expected) | {"demo", "checkpoint_dir"}
