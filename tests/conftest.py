@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: tiny PNG folders in the OASIS layout, written into a temporary
-directory; driver.py run as a user runs it, or in the test's process; one tiny trained run that
-tests only read; small models and images that several test files use."""
+directory; driver.py run as a user runs it, or in the test's process; the runs that tests only
+read, started before the first test; small models and images that several test files use."""
 
 import contextlib
 import io
@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,6 +28,9 @@ TINY_RUN = ["--image-size", "32", "--downsample", "4", *TINY_MODELS, "--conditio
 PIXEL_RANGE = (-0.5, 0.5)
 SPLIT_SIZES = {"train": 16, "validate": 4, "test": 10}
 TINY_SIZE = 32
+# The multi-worker cluster's workers, and the mirrored run's CPU devices: the same replicas.
+WORKERS = 2
+RUN_TIMEOUT = 600  # seconds: a run that hangs fails its tests instead of blocking CI
 
 
 def brain_like_image(rng, size):
@@ -99,9 +103,32 @@ def flattened(metrics, prefix=""):
     return flat
 
 
-def run_driver(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "driver.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+class DriverProcess:
+    """driver.py started in a process of its own, as a user runs it; `result()` waits for it."""
+
+    def __init__(self, *args, cwd=REPO):
+        self.args = [sys.executable, str(REPO / "driver.py"), *map(str, args)]
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(self.args, stdout=self.stdout, stderr=self.stderr,
+                                        cwd=cwd)
+
+    def result(self):
+        """The finished run as subprocess.run returns it: arguments, return code and output."""
+        try:
+            returncode = self.process.wait(timeout=RUN_TIMEOUT)
+        finally:
+            self.stop()
+        printed = []
+        for output in (self.stdout, self.stderr):
+            output.seek(0)
+            printed.append(output.read())
+            output.close()
+        return subprocess.CompletedProcess(self.args, returncode, *printed)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def run_in_process(*args):
@@ -128,28 +155,32 @@ def one_line_error(capsys, argv):
     return message
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """One finished tiny run (data, out, checkpoints, the CompletedProcess), shared by the tests
-    that only read its outputs; a test that changes them works on a copy (`copied_run`). Quiet
-    (--verbose 0), so that its console is also the one a quiet run prints."""
-    root = tmp_path_factory.mktemp("tiny_run")
+def start_tiny_run(root):
+    """One tiny run; quiet (--verbose 0), so that its console is also the one a quiet run
+    prints."""
     data = write_split_folders(root / "data")
     out, checkpoints = root / "out", root / "checkpoints"
-    result = run_driver("--data", data, "--out", out, "--checkpoint-dir", checkpoints, *TINY_RUN,
-                        "--verbose", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {"data": data, "out": out, "checkpoints": checkpoints, "result": result}
+    return {"data": data, "out": out, "checkpoints": checkpoints,
+            "process": DriverProcess("--data", data, "--out", out, "--checkpoint-dir",
+                                     checkpoints, *TINY_RUN, "--verbose", "0")}
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
+def start_mirrored_run(root):
+    """The tiny run under MirroredStrategy on two logical CPU devices: the same two replicas,
+    each with the same half of every global batch, as the two-worker cluster."""
+    data = write_split_folders(root / "data")
+    return {"root": root, "process": DriverProcess(
+        "--strategy", "mirrored", "--cpu-replicas", WORKERS, "--data", data, "--out",
+        root / "out", "--checkpoint-dir", root / "checkpoints", *TINY_RUN)}
+
+
+def start_demo_run(root):
     """--demo at the demo's image size, downsampling and slice-conditional prior, on a few of
     the bundled slices, 1 epoch each, sampled at the lowest and the highest slice (--slice
-    indices); in this process, shared by the tests that only read its outputs."""
+    indices)."""
     import data
 
-    demo = tmp_path_factory.mktemp("demo_run") / "data"
+    demo = root / "data"
     for folder in data.SPLIT_FOLDERS.values():
         (demo / folder).mkdir(parents=True)
         # every 15th slice, which steps through the heights of a case; enough test slices for
@@ -158,10 +189,56 @@ def demo_run(tmp_path_factory):
         for image in sorted((data.DEMO_DATA / folder).glob("*.png"))[::stride]:
             shutil.copy(image, demo / folder)
     top_slice = max(map(data.slice_index, (demo / data.SPLIT_FOLDERS["train"]).iterdir()))
-    out = demo.parent / "out"
-    printed = run_in_process("--demo", "--data", demo, "--out", out, *TINY_MODELS,
-                             "--slice", f"0,{top_slice}")
-    return {"data": demo, "out": out, "printed": printed}
+    out = root / "out"
+    return {"data": demo, "out": out, "process": DriverProcess(
+        "--demo", "--data", demo, "--out", out, *TINY_MODELS, "--slice", f"0,{top_slice}")}
+
+
+SHARED_RUNS = {"tiny_run": start_tiny_run, "mirrored_run": start_mirrored_run,
+               "demo_run": start_demo_run}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def started_runs(request, tmp_path_factory):
+    """The shared runs that the collected tests read, each started in a process of its own
+    before the first test: they run beside the tests in this process, which leave a core idle
+    much of the time, instead of in turn when a test first reads them."""
+    needed = set().union(*(item.fixturenames for item in request.session.items))
+    started = {name: start(tmp_path_factory.mktemp(name))
+               for name, start in SHARED_RUNS.items() if name in needed}
+    yield started
+    for run in started.values():
+        run["process"].stop()
+
+
+def finished(run):
+    """A started run's folders and its CompletedProcess ("result"), once it has finished."""
+    folders = {name: value for name, value in run.items() if name != "process"}
+    return folders | {"result": run["process"].result()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(started_runs):
+    """The finished tiny run (data, out, checkpoints, result), shared by the tests that only read
+    its outputs; a test that changes them works on a copy (`copied_run`)."""
+    run = finished(started_runs["tiny_run"])
+    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def mirrored_run(started_runs):
+    """The finished mirrored run (root, result); its tests check its return code."""
+    return finished(started_runs["mirrored_run"])
+
+
+@pytest.fixture(scope="session")
+def demo_run(started_runs):
+    """The finished demo run (data, out, result), shared by the tests that only read its
+    outputs."""
+    run = finished(started_runs["demo_run"])
+    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
+    return run
 
 
 @pytest.fixture

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 
 import runs  # (which registers the models' layers)
-from conftest import REPO, TINY_RUN, flattened, one_line_error, run_driver, write_split_folders
+from conftest import REPO, TINY_RUN, WORKERS, flattened, one_line_error, write_split_folders
 
-WORKERS = 2
 RUN_TIMEOUT = 300  # seconds: a hang in a collective op fails the test instead of blocking CI
 POLL_INTERVAL = 0.05
 # The fault test's VQ-VAE: 2 epochs of 4 steps, so that a worker can be killed inside the last.
@@ -89,17 +88,6 @@ def fingerprints(log):
 
 def load_weights(path):
     return keras.models.load_model(path, safe_mode=True).get_weights()
-
-
-@pytest.fixture(scope="module")
-def mirrored_run(tmp_path_factory):
-    """The tiny run in one process under MirroredStrategy on two logical CPU devices: the same
-    two replicas, each with the same half of every global batch, as the two-worker cluster."""
-    root = tmp_path_factory.mktemp("mirrored")
-    data = write_split_folders(root / "data")
-    result = run_driver("--strategy", "mirrored", "--cpu-replicas", WORKERS, "--data", data,
-                        "--out", root / "out", "--checkpoint-dir", root / "checkpoints", *TINY_RUN)
-    return {"root": root, "result": result}
 
 
 def metrics_of(out):
