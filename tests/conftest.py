@@ -155,14 +155,13 @@ def one_line_error(capsys, argv):
     return message
 
 
-def start_tiny_run(root):
-    """One tiny run; quiet (--verbose 0), so that its console is also the one a quiet run
-    prints."""
+def start_tiny_run(root, *flags):
+    """A tiny run on the tiny splits (the same images in every root: they are seeded)."""
     data = write_split_folders(root / "data")
     out, checkpoints = root / "out", root / "checkpoints"
     return {"data": data, "out": out, "checkpoints": checkpoints,
             "process": DriverProcess("--data", data, "--out", out, "--checkpoint-dir",
-                                     checkpoints, *TINY_RUN, "--verbose", "0")}
+                                     checkpoints, *TINY_RUN, *flags)}
 
 
 def start_mirrored_run(root):
@@ -194,7 +193,8 @@ def start_demo_run(root):
         "--demo", "--data", demo, "--out", out, *TINY_MODELS, "--slice", f"0,{top_slice}")}
 
 
-SHARED_RUNS = {"tiny_run": start_tiny_run, "mirrored_run": start_mirrored_run,
+SHARED_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0"),
+               "tiny_rerun": start_tiny_run, "mirrored_run": start_mirrored_run,
                "demo_run": start_demo_run}
 
 
@@ -220,8 +220,17 @@ def finished(run):
 @pytest.fixture(scope="session")
 def tiny_run(started_runs):
     """The finished tiny run (data, out, checkpoints, result), shared by the tests that only read
-    its outputs; a test that changes them works on a copy (`copied_run`)."""
+    its outputs; a test that changes them works on a copy (`copied_run`). Quiet (--verbose 0),
+    so that its console is also the one a quiet run prints."""
     run = finished(started_runs["tiny_run"])
+    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_rerun(started_runs):
+    """The tiny run again, in another process and at the default --verbose."""
+    run = finished(started_runs["tiny_rerun"])
     assert run["result"].returncode == 0, run["result"].stderr[-3000:]
     return run
 

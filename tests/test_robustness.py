@@ -194,13 +194,10 @@ def test_unwritable_checkpoint_dir(tmp_path, capsys):
     assert "--checkpoint-dir" in message
 
 
-def test_same_seed_same_metrics(tiny_run, tmp_path):
-    """A second run with the shared tiny run's arguments and seed, in another process and at
-    the default --verbose (the tiny run is quiet), gives its metrics."""
-    out = tmp_path / "out"
-    run_in_process("--data", tiny_run["data"], "--out", out,
-                   "--checkpoint-dir", tmp_path / "checkpoints", *TINY_RUN)
+def test_same_seed_same_metrics(tiny_run, tiny_rerun):
+    """A second run with the shared tiny run's arguments, seed and (seeded) images, in another
+    process and at the default --verbose (the tiny run is quiet), gives its metrics."""
     first = json.loads((tiny_run["out"] / "metrics.json").read_text())
-    second = json.loads((out / "metrics.json").read_text())
+    second = json.loads((tiny_rerun["out"] / "metrics.json").read_text())
     # float reductions on several threads may differ in the last bits
     assert flattened(second) == pytest.approx(flattened(first), rel=1e-4, abs=1e-5)
