@@ -193,6 +193,8 @@ def start_demo_run(root):
         "--demo", "--data", demo, "--out", out, *TINY_MODELS, "--slice", f"0,{top_slice}")}
 
 
+# fixture name -> start(root): a dict of the run's folders and its "process" (with result() and
+# stop()); a test module adds the runs that only its tests read
 SHARED_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0"),
                "tiny_rerun": start_tiny_run, "mirrored_run": start_mirrored_run,
                "demo_run": start_demo_run}
@@ -212,9 +214,8 @@ def started_runs(request, tmp_path_factory):
 
 
 def finished(run):
-    """A started run's folders and its CompletedProcess ("result"), once it has finished."""
-    folders = {name: value for name, value in run.items() if name != "process"}
-    return folders | {"result": run["process"].result()}
+    """A started run with its process's result ("result"), once it has finished."""
+    return run | {"result": run["process"].result()}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import runs  # (which registers the models' layers)
-from conftest import REPO, TINY_RUN, WORKERS, flattened, one_line_error, write_split_folders
+from conftest import (REPO, SHARED_RUNS, TINY_RUN, WORKERS, finished, flattened, one_line_error,
+                      write_split_folders)
 
 RUN_TIMEOUT = 300  # seconds: a hang in a collective op fails the test instead of blocking CI
 POLL_INTERVAL = 0.05
@@ -66,20 +67,46 @@ class Cluster:
     def wait(self, index):
         return self.processes[index].wait(timeout=RUN_TIMEOUT)
 
-    def __enter__(self):
-        return self
+    def result(self):
+        """The workers' return codes, once all have finished."""
+        return [self.wait(index) for index in range(WORKERS)]
 
-    def __exit__(self, *error):
+    def stop(self):
         for process in self.processes.values():
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.stop()
 
 
 def cluster_run_args(root, splits=None):
     """The checkpoint folder and the output flags of a cluster run on tiny data in root."""
     data = write_split_folders(root / "data", *([splits] if splits else []))
     return root / "checkpoints", ["--data", data, "--out", root / "out"]
+
+
+def start_cluster_run(root):
+    """The tiny run on a cluster of two workers, both started."""
+    checkpoints, args = cluster_run_args(root)
+    cluster = Cluster(root, [*args, "--checkpoint-dir", checkpoints, *TINY_RUN])
+    for index in range(WORKERS):
+        cluster.start(index)
+    return {"out": root / "out", "checkpoints": checkpoints, "process": cluster}
+
+
+SHARED_RUNS["cluster_run"] = start_cluster_run
+
+
+@pytest.fixture(scope="module")
+def cluster_run(started_runs):
+    """The finished cluster run (out, checkpoints, the Cluster as "process", its return codes
+    as "result")."""
+    return finished(started_runs["cluster_run"])
 
 
 def fingerprints(log):
@@ -109,13 +136,10 @@ def test_mirrored_on_two_cpu_devices_runs_the_whole_pipeline(mirrored_run, tiny_
     assert len(history) == 1 and set(history[0]) == set(single[0])
 
 
-def test_two_workers_train_in_sync_like_two_replicas_in_one_process(tmp_path, mirrored_run):
-    checkpoints, args = cluster_run_args(tmp_path)
-    with Cluster(tmp_path, [*args, "--checkpoint-dir", checkpoints, *TINY_RUN]) as cluster:
-        for index in range(WORKERS):
-            cluster.start(index)
-        codes = [cluster.wait(index) for index in range(WORKERS)]
-    assert codes == [0] * WORKERS, [cluster.log(index)[-3000:] for index in range(WORKERS)]
+def test_two_workers_train_in_sync_like_two_replicas_in_one_process(cluster_run, mirrored_run):
+    cluster, checkpoints = cluster_run["process"], cluster_run["checkpoints"]
+    assert cluster_run["result"] == [0] * WORKERS, [cluster.log(index)[-3000:]
+                                                    for index in range(WORKERS)]
     assert not (checkpoints / ".worker_1").exists()  # the other worker cleaned up
     chief, other = fingerprints(cluster.log(0)), fingerprints(cluster.log(1))
     assert len(chief) == 2 and chief == other, (chief, other)  # both models, bit for bit
@@ -126,7 +150,7 @@ def test_two_workers_train_in_sync_like_two_replicas_in_one_process(tmp_path, mi
         for one, two in zip(one_process, cluster_weights):
             np.testing.assert_allclose(one, two, rtol=1e-5, atol=1e-6, err_msg=name)
     # the same models, seed and data: the chief reports what the one process reported
-    assert flattened(metrics_of(tmp_path / "out")) == pytest.approx(
+    assert flattened(metrics_of(cluster_run["out"])) == pytest.approx(
         flattened(metrics_of(mirrored_run["root"] / "out")), rel=1e-4, abs=1e-5)
 
 
