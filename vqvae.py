@@ -65,6 +65,12 @@ ZHAO_ALPHA = 0.84
 # Gaussian window: tf.image.ssim_multiscale's defaults.
 MSSSIM_POWER_FACTORS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+# MS-SSIM's terms are raised to powers below 1, whose gradient is infinite at 0; tf.image's
+# ssim_multiscale clips them at 0 and so gives NaN gradients where a reconstruction's structure
+# is anticorrelated with the image's, as an untrained decoder's can be. Clipped here instead.
+MSSSIM_FLOOR = 1e-4
 # Added to |F|^2 under the square root: the amplitude's gradient stays finite at a zero Fourier
 # coefficient, which a flat image has at every frequency but zero.
 TINY_POWER = 1e-12
@@ -440,11 +446,47 @@ def l1_msssim_loss(images, reconstructions, pixel_range):
     if height is None or width is None:
         raise ValueError("l1_msssim needs images of a static size to choose MS-SSIM's scales")
     factors = MSSSIM_POWER_FACTORS[:msssim_scales(height, width)]
-    msssim = tf.image.ssim_multiscale(
-        images - low, reconstructions - low, max_val=high - low,
-        power_factors=[factor / sum(factors) for factor in factors], filter_size=SSIM_WINDOW)
+    similarity = msssim(images - low, reconstructions - low, high - low,
+                        [factor / sum(factors) for factor in factors])
     l1 = ops.mean(ops.abs(images - reconstructions))
-    return ZHAO_ALPHA * (1 - ops.mean(msssim)) + (1 - ZHAO_ALPHA) * l1
+    return ZHAO_ALPHA * (1 - ops.mean(similarity)) + (1 - ZHAO_ALPHA) * l1
+
+
+def gaussian_filter(images):
+    """The mean of each SSIM_WINDOW x SSIM_WINDOW patch under a Gaussian of SSIM_SIGMA, where
+    the window fits (no padding), per channel."""
+    offsets = tf.range(SSIM_WINDOW, dtype=images.dtype) - (SSIM_WINDOW - 1) / 2
+    weights = tf.exp(-offsets**2 / (2 * SSIM_SIGMA**2))
+    weights /= tf.reduce_sum(weights)
+    window = weights[:, None] * weights[None, :]
+    kernel = tf.tile(window[:, :, None, None], [1, 1, tf.shape(images)[-1], 1])
+    return tf.nn.depthwise_conv2d(images, kernel, [1, 1, 1, 1], "VALID")
+
+
+def ssim_terms(x, y, max_val):
+    """Per image, the mean SSIM and the mean contrast-structure term cs (Wang et al. 2004)."""
+    c1, c2 = (SSIM_K1 * max_val) ** 2, (SSIM_K2 * max_val) ** 2
+    mean_x, mean_y = gaussian_filter(x), gaussian_filter(y)
+    var_x = gaussian_filter(x * x) - mean_x**2
+    var_y = gaussian_filter(y * y) - mean_y**2
+    covariance = gaussian_filter(x * y) - mean_x * mean_y
+    luminance = (2 * mean_x * mean_y + c1) / (mean_x**2 + mean_y**2 + c1)
+    cs = (2 * covariance + c2) / (var_x + var_y + c2)
+    return tf.reduce_mean(luminance * cs, [1, 2, 3]), tf.reduce_mean(cs, [1, 2, 3])
+
+
+def msssim(x, y, max_val, factors):
+    """MS-SSIM (Wang et al. 2003) of images in [0, max_val], one per image: the cs term of every
+    scale but the coarsest and the SSIM of the coarsest, each to its power in `factors` (finest
+    first), 2x2 means between scales; each term floored at MSSSIM_FLOOR."""
+    terms = []
+    for scale in range(len(factors)):
+        if scale:
+            x, y = (tf.nn.avg_pool2d(image, 2, 2, "SAME") for image in (x, y))
+        ssim, cs = ssim_terms(x, y, max_val)
+        terms.append(ssim if scale == len(factors) - 1 else cs)
+    floored = tf.maximum(tf.stack(terms, axis=-1), MSSSIM_FLOOR)
+    return tf.reduce_prod(floored ** tf.constant(factors, floored.dtype), axis=-1)
 
 
 def log_amplitude(images, pixel_range):

@@ -12,9 +12,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import PIXEL_RANGE, REPO, smooth_blobs
 
 import vqvae
-from conftest import PIXEL_RANGE, REPO, smooth_blobs
 
 SIZE = 32
 IMAGES = smooth_blobs(4, SIZE, width=0.02) - 0.5  # in PIXEL_RANGE
@@ -169,6 +169,28 @@ def test_l1_msssim_is_zhaos_mix():
     np.testing.assert_allclose(float(vqvae.l1_msssim_loss(x, y, (low, high))), expected,
                                rtol=1e-5)
     assert abs(float(vqvae.l1_msssim_loss(x, x, (low, high)))) < 1e-6
+
+
+def test_msssim_is_tf_images_where_its_terms_are_positive():
+    rng = np.random.default_rng(0)
+    x = tf.nn.avg_pool2d(rng.uniform(0, 1, (3, 64, 64, 1)).astype("float32"), 3, 1, "SAME")
+    y = tf.clip_by_value(x + rng.normal(0, 0.05, x.shape).astype("float32"), 0, 1)
+    factors = [0.2, 0.3, 0.5]
+    np.testing.assert_allclose(vqvae.msssim(x, y, 1.0, factors),
+                               tf.image.ssim_multiscale(x, y, 1.0, power_factors=factors),
+                               atol=1e-5)
+
+
+def test_msssim_has_finite_gradients_where_the_structure_is_anticorrelated():
+    """tf.image.ssim_multiscale clips a negative term at 0, where its power's gradient is
+    infinite: an untrained decoder's reconstruction made a 256x256 training run's loss NaN."""
+    rng = np.random.default_rng(0)
+    x = tf.nn.avg_pool2d(rng.uniform(0, 1, (2, 64, 64, 1)).astype("float32"), 3, 1, "SAME")
+    inverted = tf.Variable(1 - x)
+    with tf.GradientTape() as tape:
+        similarity = tf.reduce_mean(vqvae.msssim(inverted, x, 1.0, [0.2, 0.3, 0.5]))
+    assert np.all(np.isfinite(tape.gradient(similarity, inverted)))
+    assert float(similarity) == pytest.approx(vqvae.MSSSIM_FLOOR, rel=1e-3)
 
 
 def test_l1_msssim_trains_from_an_untrained_decoder():
