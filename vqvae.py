@@ -535,10 +535,10 @@ def build_discriminator():
     """pix2pix's PatchGAN (Isola et al. 2017) as VQGAN uses it, smaller: stride-2 4x4
     convolutions with LeakyReLU(0.2), then a 4x4 convolution to one logit per patch, image (B, H,
     W, 1) -> logits (B, H/2^n, W/2^n, 1) for n strided convolutions, each logit judging a patch of
-    the image as real or reconstructed. No normalisation layers (VQGAN's has BatchNorm): batch statistics
-    would differ between a replica's share of the batch and the whole, and between the real and
-    the reconstructed halves the discriminator sees. float32 even under mixed precision: its own
-    optimizer has no loss scaling."""
+    the image as real or reconstructed. No normalisation layers (VQGAN's has BatchNorm): batch
+    statistics would differ between a replica's share of the batch and the whole, and between
+    the real and the reconstructed halves the discriminator sees. float32 even under mixed
+    precision: its own optimizer has no loss scaling."""
     images = keras.Input(shape=(None, None, 1), name="images")
     initializer = keras.initializers.RandomNormal(stddev=GAN_INIT_STDDEV)
     x = images
