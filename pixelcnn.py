@@ -491,7 +491,8 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
         if layer < residual_blocks:
             residual = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
             # the first layer's input is the raw embedding, which must not reach the output
-            horizontal = layers.Add(name=f"{name}_add")([horizontal, residual]) if layer else residual
+            horizontal = (layers.Add(name=f"{name}_add")([horizontal, residual]) if layer
+                          else residual)
     x = layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
     logits = output_head(x, num_embeddings, filters, output_layers)
     inputs = [embedded, *links] + [x for x in (height, top) if x is not None]
@@ -974,9 +975,9 @@ class _GatedSteps(RasterSteps):
                                                    horizontal_conditions[-1])
                                                   if on_top else (None, None))
         (self.logits,) = horizontal.outputs
-        self.rows_back = _reads_back(self.vertical_steps, "at_row", lambda l: l.rows_above)
+        self.rows_back = _reads_back(self.vertical_steps, "at_row", lambda layer: layer.rows_above)
         self.columns_back = _reads_back(self.horizontal_steps, "at_column",
-                                        lambda l: l.columns_left)
+                                        lambda layer: layer.columns_left)
         self.pad = max(self.columns_back.values())  # zero columns left of the row
 
     def channels(self, model, name):
