@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: tiny PNG folders in the OASIS layout, written into a temporary
 directory; driver.py run as a user runs it, or in the test's process; the runs that tests only
-read, started before the first test; small models and images that several test files use."""
+read, started in the background; small models and images that several test files use."""
 
 import contextlib
 import io
@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -103,17 +105,18 @@ def flattened(metrics, prefix=""):
     return flat
 
 
-class DriverProcess:
-    """driver.py started in a process of its own, as a user runs it; `result()` waits for it."""
+class PythonProcess:
+    """python with args in a process of its own (driver.py as a user runs it, or a script);
+    `result()` waits for it."""
 
     def __init__(self, *args, cwd=REPO):
-        self.args = [sys.executable, str(REPO / "driver.py"), *map(str, args)]
+        self.args = [sys.executable, *map(str, args)]
         self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(self.args, stdout=self.stdout, stderr=self.stderr,
                                         cwd=cwd)
 
     def result(self):
-        """The finished run as subprocess.run returns it: arguments, return code and output."""
+        """The finished process as subprocess.run returns it: arguments, return code, output."""
         try:
             returncode = self.process.wait(timeout=RUN_TIMEOUT)
         finally:
@@ -125,10 +128,50 @@ class DriverProcess:
             output.close()
         return subprocess.CompletedProcess(self.args, returncode, *printed)
 
+    def live(self):
+        """How many processes are still running: 1 or 0."""
+        return int(self.process.poll() is None)
+
     def stop(self):
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+def driver_process(*args):
+    return PythonProcess(REPO / "driver.py", *args)
+
+
+class Scenario:
+    """steps(processes) in a thread of its own: processes started, watched and stopped in turn
+    (one killed at a given moment, then started again), for a test to read afterwards. steps
+    adds what it starts to `processes` (each with live() and stop()); result() waits for the
+    thread and returns what steps returned, or raises what it raised."""
+
+    def __init__(self, steps):
+        self.processes, self.outcome = [], {}
+        self.thread = threading.Thread(target=self._run, args=(steps,), daemon=True)
+        self.thread.start()
+
+    def _run(self, steps):
+        try:
+            self.outcome["returned"] = steps(self.processes)
+        except BaseException as error:  # re-raised in the test's thread by result()
+            self.outcome["raised"] = error
+
+    def result(self):
+        self.thread.join()
+        if "raised" in self.outcome:
+            raise self.outcome["raised"]
+        return self.outcome["returned"]
+
+    def live(self):
+        return sum(process.live() for process in self.processes)
+
+    def stop(self):
+        for process in self.processes:
+            process.stop()
+        self.thread.join()
 
 
 def run_in_process(*args):
@@ -160,15 +203,15 @@ def start_tiny_run(root, *flags):
     data = write_split_folders(root / "data")
     out, checkpoints = root / "out", root / "checkpoints"
     return {"data": data, "out": out, "checkpoints": checkpoints,
-            "process": DriverProcess("--data", data, "--out", out, "--checkpoint-dir",
-                                     checkpoints, *TINY_RUN, *flags)}
+            "process": driver_process("--data", data, "--out", out, "--checkpoint-dir",
+                                      checkpoints, *TINY_RUN, *flags)}
 
 
 def start_mirrored_run(root):
     """The tiny run under MirroredStrategy on two logical CPU devices: the same two replicas,
     each with the same half of every global batch, as the two-worker cluster."""
     data = write_split_folders(root / "data")
-    return {"root": root, "process": DriverProcess(
+    return {"root": root, "process": driver_process(
         "--strategy", "mirrored", "--cpu-replicas", WORKERS, "--data", data, "--out",
         root / "out", "--checkpoint-dir", root / "checkpoints", *TINY_RUN)}
 
@@ -189,66 +232,103 @@ def start_demo_run(root):
             shutil.copy(image, demo / folder)
     top_slice = max(map(data.slice_index, (demo / data.SPLIT_FOLDERS["train"]).iterdir()))
     out = root / "out"
-    return {"data": demo, "out": out, "process": DriverProcess(
+    return {"data": demo, "out": out, "process": driver_process(
         "--demo", "--data", demo, "--out", out, *TINY_MODELS, "--slice", f"0,{top_slice}")}
 
 
-# fixture name -> start(root): a dict of the run's folders and its "process" (with result() and
-# stop()); a test module adds the runs that only its tests read
-SHARED_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0"),
-               "tiny_rerun": start_tiny_run, "mirrored_run": start_mirrored_run,
-               "demo_run": start_demo_run}
+# fixture name -> start(root): a dict of the run's folders and its "process" (with result(),
+# live() and stop()); a test module adds the runs that only its tests read
+BACKGROUND_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0"),
+                   "tiny_rerun": start_tiny_run, "mirrored_run": start_mirrored_run,
+                   "demo_run": start_demo_run}
+# Background processes at a time: the tests in this process, mostly single-threaded, leave about
+# a core to them; more would slow those tests down without finishing the runs sooner.
+BACKGROUND_PROCESSES = 2
+START_POLL_INTERVAL = 0.2  # seconds
+
+
+class BackgroundRuns:
+    """The runs of BACKGROUND_RUNS that the collected tests read, started by a thread in
+    processes of their own, in the order the tests first read them, as soon as fewer than
+    BACKGROUND_PROCESSES run: they use the core that the tests in this process leave idle, and
+    a test seldom waits for one."""
+
+    def __init__(self, names, tmp_path_factory):
+        self.waiting, self.started = list(names), {}
+        self.tmp_path_factory = tmp_path_factory
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._start_in_turn, daemon=True)
+        self.thread.start()
+
+    def _start_in_turn(self):
+        while self.waiting:
+            with self.lock:
+                live = sum(run["process"].live() for run in self.started.values())
+                if self.waiting and live < BACKGROUND_PROCESSES:
+                    self._start(self.waiting[0])
+            time.sleep(START_POLL_INTERVAL)
+
+    def _start(self, name):
+        self.waiting.remove(name)
+        self.started[name] = BACKGROUND_RUNS[name](self.tmp_path_factory.mktemp(name))
+
+    def finished(self, name):
+        """The run's folders, its "process" and the process's "result", once it has finished
+        (started now if its turn has not come)."""
+        with self.lock:
+            if name in self.waiting:
+                self._start(name)
+        run = self.started[name]
+        return run | {"result": run["process"].result()}
+
+    def stop(self):
+        with self.lock:
+            self.waiting.clear()
+        self.thread.join()
+        for run in self.started.values():
+            run["process"].stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def started_runs(request, tmp_path_factory):
-    """The shared runs that the collected tests read, each started in a process of its own
-    before the first test: they run beside the tests in this process, which leave a core idle
-    much of the time, instead of in turn when a test first reads them."""
-    needed = set().union(*(item.fixturenames for item in request.session.items))
-    started = {name: start(tmp_path_factory.mktemp(name))
-               for name, start in SHARED_RUNS.items() if name in needed}
-    yield started
-    for run in started.values():
-        run["process"].stop()
+def background_runs(request, tmp_path_factory):
+    """The runs that the collected tests read, started in the background (BackgroundRuns)."""
+    names = dict.fromkeys(name for item in request.session.items for name in item.fixturenames
+                          if name in BACKGROUND_RUNS)
+    runs = BackgroundRuns(names, tmp_path_factory)
+    yield runs
+    runs.stop()
 
 
-def finished(run):
-    """A started run with its process's result ("result"), once it has finished."""
-    return run | {"result": run["process"].result()}
+def succeeded(run):
+    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
+    return run
 
 
 @pytest.fixture(scope="session")
-def tiny_run(started_runs):
+def tiny_run(background_runs):
     """The finished tiny run (data, out, checkpoints, result), shared by the tests that only read
     its outputs; a test that changes them works on a copy (`copied_run`). Quiet (--verbose 0),
     so that its console is also the one a quiet run prints."""
-    run = finished(started_runs["tiny_run"])
-    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
-    return run
+    return succeeded(background_runs.finished("tiny_run"))
 
 
 @pytest.fixture(scope="session")
-def tiny_rerun(started_runs):
+def tiny_rerun(background_runs):
     """The tiny run again, in another process and at the default --verbose."""
-    run = finished(started_runs["tiny_rerun"])
-    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
-    return run
+    return succeeded(background_runs.finished("tiny_rerun"))
 
 
 @pytest.fixture(scope="session")
-def mirrored_run(started_runs):
+def mirrored_run(background_runs):
     """The finished mirrored run (root, result); its tests check its return code."""
-    return finished(started_runs["mirrored_run"])
+    return background_runs.finished("mirrored_run")
 
 
 @pytest.fixture(scope="session")
-def demo_run(started_runs):
+def demo_run(background_runs):
     """The finished demo run (data, out, result), shared by the tests that only read its
     outputs."""
-    run = finished(started_runs["demo_run"])
-    assert run["result"].returncode == 0, run["result"].stderr[-3000:]
-    return run
+    return succeeded(background_runs.finished("demo_run"))
 
 
 @pytest.fixture

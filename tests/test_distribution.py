@@ -5,8 +5,6 @@ TensorFlow starts); and under mixed_float16."""
 
 import contextlib
 import json
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -15,7 +13,7 @@ import pytest
 
 import pixelcnn
 import vqvae
-from conftest import REPO
+from conftest import BACKGROUND_RUNS, PythonProcess
 
 # Prints, as JSON, how far one step moved the weights and how far the two ways differ.
 ONE_STEP_BOTH_WAYS = textwrap.dedent("""
@@ -100,9 +98,18 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 """)
 
 
-def test_mirrored_step_matches_single_device_step():
-    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+BACKGROUND_RUNS["one_step_both_ways"] = lambda root: {
+    "process": PythonProcess("-c", ONE_STEP_BOTH_WAYS)}
+
+
+@pytest.fixture
+def one_step_both_ways(background_runs):
+    """ONE_STEP_BOTH_WAYS, finished."""
+    return background_runs.finished("one_step_both_ways")["result"]
+
+
+def test_mirrored_step_matches_single_device_step(one_step_both_ways):
+    result = one_step_both_ways
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     # every replica sees the global batch, its rows in replica order

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import runs  # (which registers the models' layers)
-from conftest import (REPO, SHARED_RUNS, TINY_RUN, WORKERS, finished, flattened, one_line_error,
-                      write_split_folders)
+from conftest import (BACKGROUND_RUNS, REPO, TINY_RUN, WORKERS, Scenario, flattened,
+                      one_line_error, write_split_folders)
 
 RUN_TIMEOUT = 300  # seconds: a hang in a collective op fails the test instead of blocking CI
 POLL_INTERVAL = 0.05
@@ -71,6 +71,9 @@ class Cluster:
         """The workers' return codes, once all have finished."""
         return [self.wait(index) for index in range(WORKERS)]
 
+    def live(self):
+        return sum(process.poll() is None for process in self.processes.values())
+
     def stop(self):
         for process in self.processes.values():
             if process.poll() is None:
@@ -99,14 +102,50 @@ def start_cluster_run(root):
     return {"out": root / "out", "checkpoints": checkpoints, "process": cluster}
 
 
-SHARED_RUNS["cluster_run"] = start_cluster_run
+def start_fault_run(root):
+    """A cluster run on the fault splits: worker 1 killed inside the last VQ-VAE epoch, the
+    survivor left to stop, then the same command on both, as a cluster manager would; what the
+    test reads of each phase."""
+    checkpoints, args = cluster_run_args(root, FAULT_SPLITS)
+    cluster = Cluster(root, [*args, "--checkpoint-dir", checkpoints, *FAULT_RUN])
+
+    def kill_then_restart(processes):
+        processes.append(cluster)
+        for index in range(WORKERS):
+            cluster.start(index)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while "Epoch 2/2" not in cluster.log(1):
+            assert time.monotonic() < deadline and cluster.processes[1].poll() is None
+            time.sleep(POLL_INTERVAL)
+        cluster.processes[1].send_signal(signal.SIGKILL)
+        cluster.wait(1)
+        seen = {"killed_log": cluster.log(1),
+                "killed_history": read_history(checkpoints / ".worker_1")}
+        seen |= {"survivor_code": cluster.wait(0), "survivor_log": cluster.log(0),
+                 "first_epoch": read_history(checkpoints)}
+        for index in range(WORKERS):
+            cluster.start(index)
+        return seen | {"codes": cluster.result(),
+                       "logs": [cluster.log(index) for index in range(WORKERS)]}
+
+    return {"out": root / "out", "checkpoints": checkpoints,
+            "process": Scenario(kill_then_restart)}
+
+
+BACKGROUND_RUNS.update(cluster_run=start_cluster_run, fault_run=start_fault_run)
 
 
 @pytest.fixture(scope="module")
-def cluster_run(started_runs):
+def cluster_run(background_runs):
     """The finished cluster run (out, checkpoints, the Cluster as "process", its return codes
     as "result")."""
-    return finished(started_runs["cluster_run"])
+    return background_runs.finished("cluster_run")
+
+
+@pytest.fixture(scope="module")
+def fault_run(background_runs):
+    """The finished fault run (out, checkpoints, what each phase showed as "result")."""
+    return background_runs.finished("fault_run")
 
 
 def fingerprints(log):
@@ -158,29 +197,17 @@ def epochs_started(log):
     return {line.split()[1] for line in log.splitlines() if line.startswith("Epoch ")}
 
 
-def test_killed_worker_restarted_resumes_without_retraining(tmp_path):
-    checkpoints, args = cluster_run_args(tmp_path, FAULT_SPLITS)
-    with Cluster(tmp_path, [*args, "--checkpoint-dir", checkpoints, *FAULT_RUN]) as cluster:
-        for index in range(WORKERS):
-            cluster.start(index)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while "Epoch 2/2" not in cluster.log(1):
-            assert time.monotonic() < deadline and cluster.processes[1].poll() is None
-            time.sleep(POLL_INTERVAL)
-        cluster.processes[1].send_signal(signal.SIGKILL)
-        cluster.wait(1)
-        assert epochs_started(cluster.log(1)) == {"1/2", "2/2"}  # killed in epoch 2
-        assert len(read_history(checkpoints / ".worker_1")) == 1
-        # the survivor's collective ops fail: it stops with one line and a non-zero exit
-        assert cluster.wait(0) != 0
-        survivor = cluster.log(0)
-        assert "Traceback" not in survivor and "rerun the same command" in survivor, survivor[-3000:]
-        first_epoch = read_history(checkpoints)
-        assert len(first_epoch) == 1  # epoch 2 did not finish
-        for index in range(WORKERS):  # the same command on both, as a cluster manager would
-            cluster.start(index)
-        codes = [cluster.wait(index) for index in range(WORKERS)]
-        logs = [cluster.log(index) for index in range(WORKERS)]
+def test_killed_worker_restarted_resumes_without_retraining(fault_run):
+    seen, checkpoints = fault_run["result"], fault_run["checkpoints"]
+    assert epochs_started(seen["killed_log"]) == {"1/2", "2/2"}  # killed in epoch 2
+    assert len(seen["killed_history"]) == 1
+    # the survivor's collective ops fail: it stops with one line and a non-zero exit
+    survivor = seen["survivor_log"]
+    assert seen["survivor_code"] != 0
+    assert "Traceback" not in survivor and "rerun the same command" in survivor, survivor[-3000:]
+    first_epoch = seen["first_epoch"]
+    assert len(first_epoch) == 1  # epoch 2 did not finish
+    codes, logs = seen["codes"], seen["logs"]
     assert codes == [0] * WORKERS, [log[-3000:] for log in logs]
     for log in logs:  # (Keras prints no epoch line for the prior's single epoch)
         assert epochs_started(log) == {"2/2"}, log[-3000:]
@@ -193,7 +220,7 @@ def test_killed_worker_restarted_resumes_without_retraining(tmp_path):
     assert [line.split()[-1] for line in fingerprints(logs[1])] == saved
     assert fingerprints(logs[0]) == fingerprints(logs[1])
     assert not (checkpoints / ".worker_1").exists()  # the restarted worker cleaned up
-    out = tmp_path / "out"
+    out = fault_run["out"]
     assert metrics_of(out)["samples"]["n_samples"] == len(list((out / "samples").iterdir()))
 
 

@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import keras
@@ -14,33 +12,53 @@ import pytest
 import driver
 import runs
 import vqvae
-from conftest import (PIXEL_RANGE, REPO, TINY_RUN, flattened, one_line_error, run_in_process,
-                      write_split_folders)
+from conftest import (BACKGROUND_RUNS, PIXEL_RANGE, TINY_RUN, Scenario, driver_process,
+                      flattened, one_line_error, write_split_folders)
 
 KILL_TIMEOUT = 300
+KILLED_RUN_EPOCHS = 8
+POLL_INTERVAL = 0.2  # seconds
 
 
-def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
-    data = write_split_folders(tmp_path / "data")
-    checkpoints = tmp_path / "checkpoints"
-    epochs = 8
-    command = [sys.executable, str(REPO / "driver.py"), "--data", str(data), "--out",
-               str(tmp_path / "out"), "--checkpoint-dir", str(checkpoints), *TINY_RUN,
-               "--epochs", str(epochs)]
+def start_killed_run(root):
+    """A tiny run killed once two epochs are in its history, then the same command again."""
+    data = write_split_folders(root / "data")
+    checkpoints = root / "checkpoints"
+    command = ["--data", data, "--out", root / "out", "--checkpoint-dir", checkpoints, *TINY_RUN,
+               "--epochs", KILLED_RUN_EPOCHS]
     history = checkpoints / "vqvae_history.json"
-    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + KILL_TIMEOUT
-    while not (history.exists() and len(json.loads(history.read_text())) >= 2):
-        assert run.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.2)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    killed = json.loads(history.read_text())
-    assert len(killed) < epochs, "the run finished before it could be killed"
 
-    printed = run_in_process(*command[2:])  # the rerun needs no process of its own
-    assert f"Epoch 1/{epochs}" not in printed  # it did not start over
-    resumed = json.loads(history.read_text())
+    def kill_then_rerun(processes):
+        processes.append(run := driver_process(*command))
+        deadline = time.time() + KILL_TIMEOUT
+        while not (history.exists() and len(json.loads(history.read_text())) >= 2):
+            assert run.process.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(POLL_INTERVAL)
+        run.process.send_signal(signal.SIGKILL)
+        run.process.wait()
+        killed = json.loads(history.read_text())
+        processes.append(rerun := driver_process(*command))
+        return {"killed": killed, "rerun": rerun.result()}
+
+    return {"checkpoints": checkpoints, "process": Scenario(kill_then_rerun)}
+
+
+BACKGROUND_RUNS["killed_run"] = start_killed_run
+
+
+@pytest.fixture
+def killed_run(background_runs):
+    return background_runs.finished("killed_run")
+
+
+def test_a_killed_run_resumes_from_its_last_epoch(killed_run):
+    epochs, checkpoints = KILLED_RUN_EPOCHS, killed_run["checkpoints"]
+    killed, rerun = killed_run["result"]["killed"], killed_run["result"]["rerun"]
+    assert len(killed) < epochs, "the run finished before it could be killed"
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # it did not start over
+    assert f"Epoch {epochs}/{epochs}" in rerun.stdout and f"Epoch 1/{epochs}" not in rerun.stdout
+    resumed = json.loads((checkpoints / "vqvae_history.json").read_text())
     # (a kill between an epoch's history and its backup repeats that one epoch)
     assert len(resumed) == epochs and resumed[:len(killed) - 1] == killed[:-1]
     assert (checkpoints / "vqvae.keras").exists() and (checkpoints / "pixelcnn.keras").exists()
