@@ -45,7 +45,7 @@ def start_worker(index, ports, args, log):
 
 
 class Cluster:
-    """Worker processes of one cluster, each logging to its own file; all are killed on exit."""
+    """Worker processes of one cluster, each logging to its own file; stop() kills them."""
 
     def __init__(self, folder, args):
         self.folder, self.args = folder, args
@@ -79,12 +79,6 @@ class Cluster:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *error):
-        self.stop()
 
 
 def cluster_run_args(root, splits=None):
