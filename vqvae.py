@@ -67,10 +67,6 @@ MSSSIM_POWER_FACTORS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
-# MS-SSIM's terms are raised to powers below 1, whose gradient is infinite at 0; tf.image's
-# ssim_multiscale clips them at 0 and so gives NaN gradients where a reconstruction's structure
-# is anticorrelated with the image's, as an untrained decoder's can be. Clipped here instead.
-MSSSIM_FLOOR = 1e-4
 # Added to |F|^2 under the square root: the amplitude's gradient stays finite at a zero Fourier
 # coefficient, which a flat image has at every frequency but zero.
 TINY_POWER = 1e-12
@@ -440,14 +436,15 @@ def l1_msssim_loss(images, reconstructions, pixel_range):
     MS-SSIM (Wang et al. 2003) takes images in [0, max_val] (its luminance term is not
     shift-invariant), so both are shifted there from pixel_range. An image too small for the
     five scales keeps the finest that fit (`msssim_scales`), their exponents rescaled to sum to
-    1 as the five do, so identical images still score 1. Needs a static image size."""
+    1 as the five do, so identical images still score 1. Its terms are normalised
+    (`normalised_msssim`) so that training cannot diverge. Needs a static image size."""
     low, high = pixel_range
     height, width = images.shape[1:3]
     if height is None or width is None:
         raise ValueError("l1_msssim needs images of a static size to choose MS-SSIM's scales")
     factors = MSSSIM_POWER_FACTORS[:msssim_scales(height, width)]
-    similarity = msssim(images - low, reconstructions - low, high - low,
-                        [factor / sum(factors) for factor in factors])
+    similarity = normalised_msssim(images - low, reconstructions - low, high - low,
+                                   [factor / sum(factors) for factor in factors])
     l1 = ops.mean(ops.abs(images - reconstructions))
     return ZHAO_ALPHA * (1 - ops.mean(similarity)) + (1 - ZHAO_ALPHA) * l1
 
@@ -475,18 +472,28 @@ def ssim_terms(x, y, max_val):
     return tf.reduce_mean(luminance * cs, [1, 2, 3]), tf.reduce_mean(cs, [1, 2, 3])
 
 
-def msssim(x, y, max_val, factors):
-    """MS-SSIM (Wang et al. 2003) of images in [0, max_val], one per image: the cs term of every
-    scale but the coarsest and the SSIM of the coarsest, each to its power in `factors` (finest
-    first), 2x2 means between scales; each term floored at MSSSIM_FLOOR."""
+def msssim_terms(x, y, max_val, scales):
+    """MS-SSIM's terms (Wang et al. 2003) of images in [0, max_val], (B, scales): the mean cs
+    term of every scale but the coarsest, then the coarsest's mean SSIM; 2x2 means between
+    scales. MS-SSIM is the product of their powers."""
     terms = []
-    for scale in range(len(factors)):
+    for scale in range(scales):
         if scale:
             x, y = (tf.nn.avg_pool2d(image, 2, 2, "SAME") for image in (x, y))
         ssim, cs = ssim_terms(x, y, max_val)
-        terms.append(ssim if scale == len(factors) - 1 else cs)
-    floored = tf.maximum(tf.stack(terms, axis=-1), MSSSIM_FLOOR)
-    return tf.reduce_prod(floored ** tf.constant(factors, floored.dtype), axis=-1)
+        terms.append(ssim if scale == scales - 1 else cs)
+    return tf.stack(terms, axis=-1)
+
+
+def normalised_msssim(x, y, max_val, factors):
+    """MS-SSIM with each term mapped from [-1, 1] to [0, 1] before its power, one per image; 1
+    for identical images. The terms' powers are below 1, so their gradients are infinite at 0:
+    MS-SSIM itself (tf.image clips a negative term at 0) made the VQ-VAE's losses diverge within
+    two epochs on the demo slices, which are mostly black, where a flat reconstruction's terms
+    are near 0. Mapped, a term reaches 0 only at perfect anticorrelation (pytorch-msssim's
+    `normalize`, for the same reason)."""
+    normalised = (msssim_terms(x, y, max_val, len(factors)) + 1) / 2
+    return tf.reduce_prod(normalised ** tf.constant(factors, normalised.dtype), axis=-1)
 
 
 def log_amplitude(images, pixel_range):
