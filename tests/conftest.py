@@ -169,9 +169,11 @@ class Scenario:
         return sum(process.live() for process in self.processes)
 
     def stop(self):
-        for process in self.processes:
-            process.stop()
-        self.thread.join()
+        """Kills its processes, and any that steps starts next, until steps has ended."""
+        while self.thread.is_alive():
+            for process in self.processes:
+                process.stop()
+            self.thread.join(timeout=POLL_INTERVAL)
 
 
 def run_in_process(*args):
@@ -244,7 +246,7 @@ BACKGROUND_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0
 # Background processes at a time: the tests in this process, mostly single-threaded, leave about
 # a core to them; more would slow those tests down without finishing the runs sooner.
 BACKGROUND_PROCESSES = 2
-START_POLL_INTERVAL = 0.2  # seconds
+POLL_INTERVAL = 0.2  # seconds: how often the background threads look at their processes
 
 
 class BackgroundRuns:
@@ -266,7 +268,7 @@ class BackgroundRuns:
                 live = sum(run["process"].live() for run in self.started.values())
                 if self.waiting and live < BACKGROUND_PROCESSES:
                     self._start(self.waiting[0])
-            time.sleep(START_POLL_INTERVAL)
+            time.sleep(POLL_INTERVAL)
 
     def _start(self, name):
         self.waiting.remove(name)
@@ -279,7 +281,9 @@ class BackgroundRuns:
             if name in self.waiting:
                 self._start(name)
         run = self.started[name]
-        return run | {"result": run["process"].result()}
+        if "result" not in run:
+            run["result"] = run["process"].result()
+        return run
 
     def stop(self):
         with self.lock:
