@@ -243,9 +243,11 @@ def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_ru
     assert len(list((out / "samples").glob("*.png"))) == 10
 
 
-def test_the_bottom_nll_is_the_bottom_priors_given_the_top_codes(two_level_run):
-    """Recomputed from the saved models by hand: the driver must give the bottom prior the top
-    codes of the same slices (and their heights), not its own codes or another slice's."""
+def test_the_bottom_nll_is_the_bottom_priors_on_the_test_codes(two_level_run):
+    """Recomputed from the saved models by hand: the bottom prior's cross-entropy on the test
+    slices' bottom codes, given their heights and top codes. (After one epoch the top codes
+    barely move the logits, so this cannot tell them from another slice's; the conditioning
+    itself is tested in test_code_condition.py.)"""
     import data
 
     out = two_level_run["out"]
@@ -253,15 +255,10 @@ def test_the_bottom_nll_is_the_bottom_priors_given_the_top_codes(two_level_run):
     bottom_prior = keras.models.load_model(out / "checkpoints" / "pixelcnn_bottom.keras")
     splits = data.load_splits(two_level_run["data"], SIZE, 0.5, 8, demo=False)
     top, bottom = data.encode(model, splits.scaled("test"))
-    heights = splits.heights("test")
-    logits = bottom_prior([bottom, heights, top], training=False)
+    logits = bottom_prior([bottom, splits.heights("test"), top], training=False)
     nll = keras.losses.sparse_categorical_crossentropy(bottom, logits, from_logits=True)
-    expected = float(np.mean(nll)) / np.log(2)
     saved = json.loads((out / "metrics.json").read_text())["pixelcnn"]["bottom_test_nll_bits"]
-    assert saved == pytest.approx(expected, rel=1e-4)
-    shuffled = bottom_prior([bottom, heights, top[::-1]], training=False)
-    wrong = keras.losses.sparse_categorical_crossentropy(bottom, shuffled, from_logits=True)
-    assert float(np.mean(wrong)) / np.log(2) != pytest.approx(expected, rel=1e-4)
+    assert saved == pytest.approx(float(np.mean(nll)) / np.log(2), rel=1e-5)
 
 
 def test_a_two_level_run_evaluates_again_to_the_same_metrics(two_level_run, tmp_path):
