@@ -62,11 +62,7 @@ import data  # noqa: E402
 import evaluation  # noqa: E402
 import pixelcnn  # noqa: E402
 import runs  # noqa: E402
-from runs import (  # noqa: E402
-    PipelineError,
-    Settings,
-    save_figure,  # noqa: E402
-)
+from runs import PipelineError, Settings, save_figure  # noqa: E402
 
 FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
