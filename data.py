@@ -172,6 +172,13 @@ class Splits:
         return self.pixels(split) / PIXEL_MAX
 
 
+def scaled_batches(pixels, shift, batch_size):
+    """uint8 images (N, H, W, 1) as `Splits.scaled` gives a split's: float32 batches in
+    [-shift, 1 - shift]."""
+    scaled = pixels.astype("float32") / PIXEL_MAX - shift
+    return [scaled[start:start + batch_size] for start in range(0, len(scaled), batch_size)]
+
+
 def load_splits(data_dir, size, shift, batch_size, demo, verbose=QUIET):
     """The three splits, every image checked first (with progress as --verbose says)."""
     if not data_dir.is_dir():

@@ -12,7 +12,6 @@ killed run resumes there. Data loading is in data.py, files, checkpoints, settin
 runs.py.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -55,7 +54,6 @@ import_tensorflow_quietly()  # before the modules below import TensorFlow
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from matplotlib import colormaps, ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import data  # noqa: E402
@@ -75,32 +73,9 @@ PRIOR_NAMES = ("PixelCNN", "bottom PixelCNN")  # each code level's, top first
 # Flags: they fill the configs of runs.py, which hold the defaults.
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
-
-
-def build_parser():
-    """The flags: one per setting of runs.py, grouped by what they change, and --demo."""
-    parser = OneLineParser(
-        prog="driver.py",
-        description="Train a VQ-VAE and a PixelCNN prior on brain MRI slices and sample brains.",
-    )
-    groups = {title: parser.add_argument_group(title) for title, _ in runs.flag_groups()}
-    for title, fields in runs.flag_groups():
-        runs.add_flags(groups[title], fields)
-    demo = ", ".join(f"--{name.replace('_', '-')} {runs.portable(value)}"
-                     for name, value in data.DEMO_DEFAULTS.items())
-    groups[runs.DATA_FLAGS].add_argument(
-        "--demo", action="store_true",
-        help=f"the bundled demo slices, with settings that finish in minutes on a CPU ({demo}); "
-             "flags given explicitly still win")
-    return parser
-
-
 def parse_args(argv=None):
     """The run's Settings from the command line; impossible combinations are refused."""
-    parser = build_parser()
+    parser = runs.build_parser(data.DEMO_DEFAULTS)
     args = parser.parse_args(argv)
     if args.demo:
         parser.set_defaults(**data.DEMO_DEFAULTS)
@@ -181,7 +156,7 @@ def train_prior(codes, heights, top, settings, checkpoints, strategy):
 
 @dataclass
 class Sampled:
-    """What the priors drew: the (top) code maps (N, h, w), the decoded images in [0, 1]
+    """One draw of the priors: the (top) code maps (N, h, w), the decoded images in [0, 1]
     (N, H, W, 1), and the relative height each was drawn at (None from an unconditional
     prior)."""
 
@@ -191,53 +166,68 @@ class Sampled:
 
 
 def sample(model, priors, heights, settings):
-    """Draw --num-samples code maps from the priors (at the heights given), each level given
-    the one above it, and decode them."""
-    levels = []
+    """--sample-draws independent draws of --num-samples code maps from the priors (at the
+    heights given), each level given the one above it, decoded."""
+    return [sample_once(model, priors, heights, settings, draw)
+            for draw in range(settings.sample_draws)]
+
+
+def sample_once(model, priors, heights, settings, draw):
+    levels, count = [], settings.num_samples
     for level, (prior, grid) in enumerate(zip(priors, model.code_grids(settings.data.image_size))):
         started = time.perf_counter()
-        rows_done = None
         if settings.verbose != runs.QUIET:
-            print(f"Sampling {settings.num_samples} code maps of {grid}x{grid}, a row of each at "
-                  "a time")
-            rows_done = (runs.LinePerStep(grid, "row") if settings.verbose == runs.LINES
-                         else runs.progress_bar(grid, settings.verbose, unit="row")).update
-        # a seed of its own per level: the sampler's draws are seeded by (seed, position)
-        seed = settings.data.seed * len(priors) + level
+            print(f"Draw {draw + 1} of {settings.sample_draws}: sampling {count} code maps of "
+                  f"{grid}x{grid}, a row of each at a time")
         levels.append(pixelcnn.sample_codes(
-            prior, settings.num_samples, (grid, grid), settings.temperature, seed, heights,
-            rows_done, top_codes=levels[-1] if levels else None))
-        print(f"Sampled {settings.num_samples} code maps of {grid}x{grid} in "
+            prior, count, (grid, grid), settings.temperature,
+            sampler_seed(settings.data.seed, draw, level), heights,
+            runs.progress_of_long_steps(grid, settings.verbose, "row"),
+            top_codes=levels[-1] if levels else None))
+        print(f"Sampled {count} code maps of {grid}x{grid} in "
               f"{time.perf_counter() - started:.1f} s")
     images = evaluation.to_unit_range(model.decode_indices(*levels), settings.data.shift).numpy()
     return Sampled(levels[0].numpy(), images, heights)
+
+
+def sampler_seed(seed, draw, level):
+    """A seed of its own for each draw and code level, from --seed: the sampler's draws are
+    seeded by (its seed, position)."""
+    return int(np.random.SeedSequence((seed, draw, level)).generate_state(1)[0] >> 1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the metrics themselves live in evaluation.py
 
 
-def evaluate(model, priors, splits, sampled, codes, heights, settings):
+def evaluate(model, priors, splits, draws, codes, heights, settings):
     """metrics.json's content and the anatomy statistics of the three image sets: real test
-    slices, their reconstructions and the samples. A conditional prior's NLL is conditional,
-    and its samples are also compared with the real slices at their heights. Each two-sample
-    accuracy is printed beside its floors (`print_metrics`)."""
+    slices, their reconstructions and the first draw of samples. Each two-sample accuracy of
+    the samples is the mean over the draws; it is printed beside its floors (`print_metrics`).
+    A conditional prior's NLL is conditional, and its samples are also compared with the real
+    slices at their heights."""
     shift, seed, num_embeddings = settings.data.shift, settings.data.seed, settings.vqvae.K
+    sampled = draws[0]
     originals, reconstructed = evaluation.reconstructions(model, splits.scaled("test"), shift)
     train_pixels = splits.pixels("train")
-    train_originals, train_reconstructed = training_subset_reconstructions(
-        model, train_pixels, len(sampled.images), settings)
+    subset = evaluation.training_subset(len(train_pixels), len(sampled.images), seed)
+    print(f"Training slices compared with the samples: {len(subset)} of {len(train_pixels)}, "
+          f"drawn at random with --seed {seed}")
+    train_originals, train_reconstructed = evaluation.reconstructions(
+        model, data.scaled_batches(train_pixels[subset], shift, settings.data.batch_size), shift)
     started = time.perf_counter()
-    real, reconstructions, samples, train_real, train_reconstructions = (
+    real, reconstructions, train_real, train_reconstructions, *drawn = (
         evaluation.realism_summary(images) for images in (
-            originals, reconstructed, sampled.images, train_originals, train_reconstructed))
-    samples_vs_real = evaluation.realism(real, samples, seed)
-    samples_vs_reconstructions = evaluation.realism(reconstructions, samples, seed)
+            originals, reconstructed, train_originals, train_reconstructed,
+            *(draw.images for draw in draws)))
+    samples_vs_real, samples_vs_reconstructions, samples_vs_train = (
+        evaluation.realism_over_draws(reference, drawn, seed)
+        for reference in (real, reconstructions, train_reconstructions))
     reconstructions_vs_real = evaluation.realism(real, reconstructions, seed)
-    samples_vs_train = evaluation.realism(train_reconstructions, samples, seed)
     floors = evaluation.realism_floors(train_real, real, train_reconstructions, seed)
-    print(f"Realism tests (5 image sets, {3 + 1 + len(floors)} pairs, each two-sample test "
-          f"under {evaluation.C2ST_REPEATS} seeds): {time.perf_counter() - started:.1f} s")
+    print(f"Realism tests ({len(draws)} draws of samples against 3 image sets, and "
+          f"{1 + len(floors)} other pairs; each two-sample test under "
+          f"{evaluation.C2ST_REPEATS} seeds): {time.perf_counter() - started:.1f} s")
     metrics = {
         "vqvae": {
             **evaluation.reconstruction_metrics(originals, reconstructed),
@@ -254,6 +244,7 @@ def evaluate(model, priors, splits, sampled, codes, heights, settings):
         "samples": {
             "n_real": len(originals),
             "n_samples": len(sampled.images),
+            "draws": len(draws),
             "n_train_compared": len(train_originals),
             **samples_vs_real,
             **evaluation.two_sample_metrics(samples_vs_reconstructions,
@@ -271,58 +262,22 @@ def evaluate(model, priors, splits, sampled, codes, heights, settings):
     }
     if sampled.heights is not None:
         metrics["samples"].update(evaluation.samples_by_height(
-            (originals, real, heights["test"]), (sampled.images, samples, sampled.heights), seed))
+            (originals, real, heights["test"]), (sampled.images, drawn[0], sampled.heights),
+            seed))
     statistics = {"real test slices": real["statistics"],
                   "reconstructions": reconstructions["statistics"],
-                  "samples": samples["statistics"]}
+                  "samples": drawn[0]["statistics"]}
     return metrics, statistics
-
-
-def training_subset_reconstructions(model, train_pixels, num_samples, settings):
-    """A seeded random subset of the training slices (evaluation.training_subset, twice the
-    samples) and their reconstructions, both in [0, 1]: the training split is larger than the
-    samples, and on OASIS too large to reconstruct whole for a comparison."""
-    given = settings.data
-    subset = evaluation.training_subset(len(train_pixels), num_samples, given.seed)
-    print(f"Training slices compared with the samples: {len(subset)} of {len(train_pixels)}, "
-          f"drawn at random with --seed {given.seed}")
-    scaled = train_pixels[subset].astype("float32") / data.PIXEL_MAX - given.shift
-    batches = [scaled[start:start + given.batch_size]
-               for start in range(0, len(scaled), given.batch_size)]
-    return evaluation.reconstructions(model, batches, given.shift)
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures: one function per PNG, each taking data and a path; each returns its Figure, which the
-# tests inspect. FIGURE_WIDTH at runs.FIGURE_DPI is about a README column, so a figure is shown
-# at its own size there, and its fonts as they were drawn.
+# tests inspect. The format they share (width, axes, code colours) is in runs.py.
 
-FIGURE_WIDTH = 7.5  # inches
-CODE_COLOURS_SEED = 0  # the palette's order: the same code has the same colour in every figure
-CODE_COLOURS_NOTE = "code maps: one colour per code index, in an arbitrary order"
 VQ_LOSSES = {"loss": ("VQ-VAE: total loss", "loss"),
              "reconstruction_loss": ("VQ-VAE: reconstruction", None),  # RECONSTRUCTION_TERMS
              "vq_loss": ("VQ-VAE: VQ loss", "codebook + β · commitment")}
 RECONSTRUCTION_TERMS = {"mse": "MSE / data variance", "l1_msssim": "α (1 − MS-SSIM) + (1 − α) L1"}
-
-
-def epoch_axis(ax):
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-
-
-class PlainLogFormatter(ticker.LogFormatter):
-    """LogFormatter's choice of ticks to label (minor ones too on a short range, where they are
-    the only ones), written 0.3 rather than 3e-01."""
-
-    def __call__(self, value, position=None):
-        return f"{value:g}" if super().__call__(value, position) else ""
-
-
-def plain_log_axis(ax):
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(PlainLogFormatter())
-    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
 def plot_curves(ax, history, key, title, ylabel):
@@ -335,7 +290,7 @@ def plot_curves(ax, history, key, title, ylabel):
         best = int(np.argmin(validation))
         ax.plot(epochs[best], validation[best], "ko", label="kept (best validation loss)")
     ax.set(title=title, ylabel=ylabel)
-    epoch_axis(ax)
+    runs.epoch_axis(ax)
 
 
 def plot_losses(vq_history, prior_history, path, unigram_bits=None, reconstruction="mse"):
@@ -346,7 +301,7 @@ def plot_losses(vq_history, prior_history, path, unigram_bits=None, reconstructi
     `reconstruction` is --reconstruction, the VQ-VAE's reconstruction term."""
     panels = [*(VQ_LOSSES if vq_history else ()), *(["prior"] if prior_history else [])]
     rows = math.ceil(len(panels) / 2)
-    fig = Figure(figsize=(FIGURE_WIDTH, 2.6 * rows + 0.4), layout="constrained")
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, 2.6 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.remove()
@@ -362,7 +317,7 @@ def plot_losses(vq_history, prior_history, path, unigram_bits=None, reconstructi
             title, ylabel = VQ_LOSSES[panel]
             plot_curves(ax, vq_history, panel, title,
                         ylabel or RECONSTRUCTION_TERMS[reconstruction])
-            plain_log_axis(ax)
+            runs.plain_log_axis(ax)
     handles = {label: handle for ax in axes[:len(panels)]
                for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="outside upper center",
@@ -374,13 +329,13 @@ def plot_losses(vq_history, prior_history, path, unigram_bits=None, reconstructi
 def plot_validation_quality(history, num_embeddings, path):
     """Validation SSIM and, in histories that track it, codebook use per epoch."""
     tracks_codebook = "val_codes_used" in history  # not in checkpoints of earlier versions
-    fig = Figure(figsize=(FIGURE_WIDTH if tracks_codebook else FIGURE_WIDTH / 2, 3),
+    fig = Figure(figsize=(runs.FIGURE_WIDTH if tracks_codebook else runs.FIGURE_WIDTH / 2, 3),
                  layout="constrained")
     ssim_axis, *codebook_axes = fig.subplots(1, 2 if tracks_codebook else 1, squeeze=False)[0]
     epochs = np.arange(1, len(history["val_ssim"]) + 1)
     ssim_axis.plot(epochs, history["val_ssim"], marker="o")
     ssim_axis.set(title="validation SSIM", ylabel="mean SSIM")
-    epoch_axis(ssim_axis)
+    runs.epoch_axis(ssim_axis)
     if tracks_codebook:
         plot_codebook_history(codebook_axes[0], epochs, history, num_embeddings)
     save_figure(fig, path)
@@ -393,23 +348,16 @@ def plot_codebook_history(codebook_axis, epochs, history, num_embeddings):
                        marker="o", label="perplexity / K")
     codebook_axis.set(title=f"validation codebook use (K = {num_embeddings})",
                       ylabel="share of K", ylim=(0, 1.05))
-    epoch_axis(codebook_axis)
+    runs.epoch_axis(codebook_axis)
     codebook_axis.legend()
-
-
-def code_colours(num_embeddings):
-    """(K, 3) RGB: a code map's indices are categories, so neighbouring indices get unrelated
-    colours from a fixed shuffle of one palette, the same in every figure."""
-    palette = colormaps["turbo"](np.linspace(0, 1, num_embeddings))[:, :3]
-    return palette[np.random.default_rng(CODE_COLOURS_SEED).permutation(num_embeddings)]
 
 
 def plot_codebook_results(originals, codes, reconstructions, scores, num_embeddings, path):
     """Validation images, their code maps and their reconstructions, each with its SSIM."""
-    width = FIGURE_WIDTH * 0.8
+    width = runs.FIGURE_WIDTH * 0.8
     fig = Figure(figsize=(width, width / 3 * len(originals) + 0.5), layout="constrained")
     axes = fig.subplots(len(originals), 3, squeeze=False)
-    colours = code_colours(num_embeddings)
+    colours = runs.code_colours(num_embeddings)
     for row, (image, code, reconstruction, score) in enumerate(
             zip(originals, codes, reconstructions, scores)):
         axes[row, 0].imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
@@ -421,7 +369,7 @@ def plot_codebook_results(originals, codes, reconstructions, scores, num_embeddi
         ax.set_title(title)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.supxlabel(CODE_COLOURS_NOTE, fontsize="medium")
+    fig.supxlabel(runs.CODE_COLOURS_NOTE, fontsize="medium")
     save_figure(fig, path)
     return fig
 
@@ -429,10 +377,10 @@ def plot_codebook_results(originals, codes, reconstructions, scores, num_embeddi
 def plot_samples(codes, images, heights, num_embeddings, path):
     """Sampled code maps above their decoded images, each titled with the relative height it was
     drawn at when the prior is conditional (`heights` is None otherwise)."""
-    fig = Figure(figsize=(FIGURE_WIDTH, FIGURE_WIDTH / len(codes) * 2 + 0.6),
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, runs.FIGURE_WIDTH / len(codes) * 2 + 0.6),
                  layout="constrained")
     axes = fig.subplots(2, len(codes), squeeze=False)
-    colours = code_colours(num_embeddings)
+    colours = runs.code_colours(num_embeddings)
     for col, (code, image) in enumerate(zip(codes, images)):
         axes[0, col].imshow(colours[code])
         axes[1, col].imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
@@ -443,7 +391,7 @@ def plot_samples(codes, images, heights, num_embeddings, path):
         ax.set_yticks([])
     axes[0, 0].set_ylabel("code map")
     axes[1, 0].set_ylabel("decoded")
-    fig.supxlabel(CODE_COLOURS_NOTE + (
+    fig.supxlabel(runs.CODE_COLOURS_NOTE + (
         "; h: relative height drawn at, 0 bottom, 1 top" if heights is not None else ""),
         fontsize="medium")
     save_figure(fig, path)
@@ -453,7 +401,7 @@ def plot_samples(codes, images, heights, num_embeddings, path):
 def plot_codebook_usage(counts, path):
     """How often each code is used, on a log scale: the background's code would otherwise
     flatten all the others."""
-    fig = Figure(figsize=(FIGURE_WIDTH, 3), layout="constrained")
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, 3), layout="constrained")
     ax = fig.subplots()
     ax.bar(np.arange(len(counts)), counts / counts.sum(), width=1.0)
     ax.axhline(1 / len(counts), color="grey", linestyle="--")
@@ -480,7 +428,7 @@ def plot_realism(statistics, distances, path):
     """One panel per anatomy statistic: its distribution in each image set, titled with the
     samples' distance from the real test slices in units of the real slices' spread."""
     rows = math.ceil(len(evaluation.ANATOMY) / 2)
-    fig = Figure(figsize=(FIGURE_WIDTH, 2.5 * rows + 0.9), layout="constrained")
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, 2.5 * rows + 0.9), layout="constrained")
     grid = fig.subplots(rows, 2).ravel()
     axes, spare = dict(zip(evaluation.ANATOMY, grid)), grid[len(evaluation.ANATOMY):]
     for name, ax in axes.items():
@@ -544,7 +492,7 @@ def plot_memorisation(samples, nearest, scores, test_threshold, path):
     above `test_threshold`, the SSIM that few real test slices reach, counts as memorised."""
     pairs = len(samples)
     columns = math.ceil(pairs / 2)  # two rows of (sample, nearest) pairs
-    fig = Figure(figsize=(FIGURE_WIDTH, FIGURE_WIDTH / (2 * columns) * 2 + 0.9),
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, runs.FIGURE_WIDTH / (2 * columns) * 2 + 0.9),
                  layout="constrained")
     axes = fig.subplots(2, 2 * columns, squeeze=False)
     for ax in axes.ravel():
@@ -645,14 +593,14 @@ def run(settings):
     if own_folder:
         return runs.finish_worker(own_folder)
 
-    sampled = sample(model, priors, drawn_at, settings)
-    runs.save_sample_pngs(sampled.images, settings.out / "samples", drawn_at)
-    metrics, statistics = evaluate(model, priors, splits, sampled, codes, heights, settings)
+    draws = sample(model, priors, drawn_at, settings)
+    runs.save_sample_pngs(draws[0].images, settings.out / "samples", drawn_at)
+    metrics, statistics = evaluate(model, priors, splits, draws, codes, heights, settings)
     runs.save_json(metrics, settings.out / "metrics.json")
     runs.save_json(settings.flat(), settings.out / "run_settings.json")
     write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
                                   for checkpoints in (vq_checkpoints, prior_checkpoints[0])],
-                  sampled, codes, statistics, metrics, settings)
+                  draws[0], codes, statistics, metrics, settings)
     evaluation.print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")
     models = (vq_checkpoints, *prior_checkpoints)

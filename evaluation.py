@@ -543,6 +543,20 @@ def realism(reference, other, seed):
             "anatomy": anatomy_distances(reference["statistics"], other["statistics"])}
 
 
+def realism_over_draws(reference, draws, seed):
+    """`realism` against `reference` of independent draws of samples (each a `realism_summary`):
+    the accuracy is the mean over the draws and its sd their spread, how far another draw could
+    move it (with one draw, the test's own spread over its seeds); the standard error is the
+    draws' mean, and the anatomy distances are the first draw's."""
+    results = [realism(reference, draw, seed) for draw in draws]
+    if len(results) == 1:
+        return results[0]
+    accuracies = [result["c2st_accuracy"] for result in results]
+    return {**results[0], "c2st_accuracy": float(np.mean(accuracies)),
+            "c2st_sd": float(np.std(accuracies, ddof=1)),
+            "c2st_stderr": float(np.mean([result["c2st_stderr"] for result in results]))}
+
+
 # ---------------------------------------------------------------------------------------------
 # Floors: what the realism test scores for two sets of one kind
 
@@ -751,10 +765,14 @@ TWO_SAMPLE_SCORES = (
 
 
 def print_beside_floors(metrics):
-    """Each two-sample accuracy as mean ± sd over the test's seeds, with one test's standard
-    error, above the floors it is read against."""
-    print(f"\nTwo-sample accuracy: mean ± sd over {C2ST_REPEATS} seeds of the test "
-          "(folds and parts; the images fixed), and one test's standard error (the images' share)")
+    """Each two-sample accuracy as mean ± sd, the samples' over their draws, the others' over
+    the test's seeds, with one test's standard error, above the floors it is read against."""
+    draws = metrics["samples"]["draws"]
+    seeds = f"{C2ST_REPEATS} seeds of the test (folds and parts; the images fixed)"
+    spread = (f"the samples' over {draws} independent draws of them, the others' over {seeds}"
+              if draws > 1 else f"over {seeds}")
+    print(f"\nTwo-sample accuracy: mean ± sd ({spread}), and one test's standard error (the "
+          "images' share)")
     for group, key, label in TWO_SAMPLE_SCORES:
         if key not in metrics[group]:
             print(f"  {label:<48} nan (too few images, see above)")

@@ -4,7 +4,8 @@ models, and the distribution strategies. Nothing here is the models' math.
 - Settings: frozen configs (nanoGPT's GPTConfig pattern) filled from the flags; the settings a
   checkpoint was made with are their fields, and a resumed run must match them.
 - Files: every output is written to a temporary name and renamed, so a killed run never leaves
-  half a file and never removes the last run's output before the new one is complete.
+  half a file and never removes the last run's output before the new one is complete; and the
+  format every figure shares.
 - Training: `fit` resumes from the last finished epoch, keeps the history, stops on a non-finite
   loss and ends with the best validation epoch's weights.
 - Clusters: --strategy's tf.distribute strategies and what the workers of a cluster agree on.
@@ -25,6 +26,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from matplotlib import colormaps, ticker
 from PIL import Image
 
 import evaluation
@@ -39,7 +41,6 @@ LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "levels": 1,
                    "reconstruction": "mse", "spectral_weight": 0.0, "adversarial_weight": 0.0,
                    "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START,
                    "discriminator_learning_rate": vqvae.PIX2PIX_LEARNING_RATE}
-FIGURE_DPI = 120
 # tf.image.ssim's Gaussian window is 11 pixels wide, and the code grid is smaller still.
 MIN_IMAGE_SIZE = 16
 # --verbose: what prints besides each stage's heading, the results and the errors: nothing,
@@ -240,6 +241,8 @@ class PriorConfig:
 
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices.
 DEFAULT_SAMPLES = 256
+# Three draws, the fewest with a standard deviation that means something.
+DEFAULT_DRAWS = 3
 DATA_FLAGS = "data and training (both models)"
 # Settings' fields that hold the configs of the models, whose fields settings.json keeps.
 MODEL_CONFIGS = ("data", "vqvae", "prior")
@@ -265,6 +268,30 @@ def flag_groups():
     for title in ("sampling", "hardware", "output and run control"):
         yield title, [field for field in dataclasses.fields(Settings)
                       if field.metadata.get("group") == title]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def build_parser(demo_defaults):
+    """driver.py's flags: one per setting, grouped by what they change, and --demo, which sets
+    `demo_defaults` (data.DEMO_DEFAULTS)."""
+    parser = OneLineParser(
+        prog="driver.py",
+        description="Train a VQ-VAE and a PixelCNN prior on brain MRI slices and sample brains.",
+    )
+    groups = {title: parser.add_argument_group(title) for title, _ in flag_groups()}
+    for title, fields in flag_groups():
+        add_flags(groups[title], fields)
+    demo = ", ".join(f"--{name.replace('_', '-')} {portable(value)}"
+                     for name, value in demo_defaults.items())
+    groups[DATA_FLAGS].add_argument(
+        "--demo", action="store_true",
+        help=f"the bundled demo slices, with settings that finish in minutes on a CPU ({demo}); "
+             "flags given explicitly still win")
+    return parser
 
 
 def from_flags(config_class, flags):
@@ -315,6 +342,11 @@ class Settings:
              f"{evaluation.MIN_IMAGES_PER_SET}")
     temperature: float = setting(1.0, type=positive_float, group="sampling",
                                  help="sampling temperature: logits are divided by it")
+    sample_draws: int = setting(
+        DEFAULT_DRAWS, type=positive_int, group="sampling",
+        help="independent draws of --num-samples code maps: each two-sample accuracy of the "
+             "samples is the mean over the draws, with their standard deviation; the first "
+             "draw is saved and shown")
     slice: list = setting(
         None, type=slice_list, group="sampling",
         help="heights to sample with --condition slice: one or a comma-separated list of "
@@ -429,6 +461,42 @@ def replace_atomically(path, write):
 
 def save_figure(fig, path):
     replace_atomically(path, lambda p: fig.savefig(p, dpi=FIGURE_DPI, bbox_inches="tight"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: the format they share. FIGURE_WIDTH at FIGURE_DPI is about a README column, so a
+# figure is shown at its own size there, and its fonts as they were drawn.
+
+FIGURE_WIDTH = 7.5  # inches
+FIGURE_DPI = 120
+CODE_COLOURS_SEED = 0  # the palette's order: the same code has the same colour in every figure
+CODE_COLOURS_NOTE = "code maps: one colour per code index, in an arbitrary order"
+
+
+def epoch_axis(ax):
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+
+
+class PlainLogFormatter(ticker.LogFormatter):
+    """LogFormatter's choice of ticks to label (minor ones too on a short range, where they are
+    the only ones), written 0.3 rather than 3e-01."""
+
+    def __call__(self, value, position=None):
+        return f"{value:g}" if super().__call__(value, position) else ""
+
+
+def plain_log_axis(ax):
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(PlainLogFormatter())
+    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+def code_colours(num_embeddings):
+    """(K, 3) RGB: a code map's indices are categories, so neighbouring indices get unrelated
+    colours from a fixed shuffle of one palette, the same in every figure."""
+    palette = colormaps["turbo"](np.linspace(0, 1, num_embeddings))[:, :3]
+    return palette[np.random.default_rng(CODE_COLOURS_SEED).permutation(num_embeddings)]
 
 
 def save_json(data, path):
@@ -631,6 +699,15 @@ class LinePerStep:
             left = (now - self.first_done) / (done - 1) * (self.steps - done)
             line += f" - about {duration(left)} left"
         print(line)
+
+
+def progress_of_long_steps(steps, verbose, unit):
+    """update(steps done) for steps that each take long (a sampled row): a line per step for a
+    log file (LINES), a progress bar (BARS), or None (QUIET)."""
+    if verbose == QUIET:
+        return None
+    return (LinePerStep(steps, unit) if verbose == LINES
+            else progress_bar(steps, verbose, unit=unit)).update
 
 
 def read_epochs(path):

@@ -21,7 +21,7 @@ FIGURES = ("loss_plot.png", "ssim_plot.png", "codebook_results.png", "samples.pn
 
 
 def test_help_lists_every_flag():
-    text = driver.build_parser().format_help()
+    text = runs.build_parser(data.DEMO_DEFAULTS).format_help()
     for flag in ("--data", "--K", "--D", "--beta", "--epochs", "--batch_size", "--learning_rate",
                  "--shift", "--pcnn-epochs", "--pcnn-learning-rate", "--pcnn-filters",
                  "--pcnn-res-blocks", "--pcnn-layers", "--out", "--checkpoint-dir",
@@ -118,6 +118,24 @@ def test_every_sample_is_saved_as_a_png_like_the_input_slices(tiny_run):
     for png in pngs:
         with Image.open(png) as image:
             assert (image.mode, image.size) == ("L", (32, 32))
+
+
+def test_the_draws_are_independent_and_the_first_is_saved(tiny_run):
+    """The run's models drawn from again with its settings: each draw gives other samples, and
+    the first is the saved PNGs."""
+    checkpoints = tiny_run["checkpoints"]
+    model = keras.models.load_model(checkpoints / "vqvae.keras", safe_mode=True)
+    prior = keras.models.load_model(checkpoints / "pixelcnn.keras", safe_mode=True)
+    settings = driver.parse_args([*TINY_RUN, "--verbose", "0"])
+    draws = driver.sample(model, [prior], None, settings)
+    assert len(draws) == settings.sample_draws == runs.DEFAULT_DRAWS
+    for earlier, draw in zip(draws, draws[1:]):
+        assert (earlier.codes != draw.codes).any()
+    saved = np.stack([np.asarray(Image.open(png)) for png in
+                      sorted((tiny_run["out"] / "samples").iterdir())])
+    np.testing.assert_array_equal(np.round(draws[0].images[..., 0] * 255), saved)
+    metrics = json.loads((tiny_run["out"] / "metrics.json").read_text())["samples"]
+    assert metrics["draws"] == runs.DEFAULT_DRAWS
 
 
 def test_evaluate_reloads_and_recomputes_everything(copied_run):

@@ -16,7 +16,7 @@ import runs
 K = 16
 EPOCHS = 4
 # what a README column shows unscaled: wider figures shrink, and their fonts with them
-README_WIDTH_PIXELS = driver.FIGURE_WIDTH * runs.FIGURE_DPI
+README_WIDTH_PIXELS = runs.FIGURE_WIDTH * runs.FIGURE_DPI
 
 
 @pytest.fixture
@@ -89,10 +89,10 @@ def test_validation_quality_has_whole_epochs(tmp_path, rng):
 
 
 def test_code_colours_are_categorical_and_fixed():
-    colours = driver.code_colours(K)
+    colours = runs.code_colours(K)
     assert colours.shape == (K, 3)
     assert len(np.unique(colours, axis=0)) == K
-    np.testing.assert_array_equal(colours, driver.code_colours(K))
+    np.testing.assert_array_equal(colours, runs.code_colours(K))
     # shuffled: neighbouring indices are not neighbouring palette colours
     palette_order = np.argsort(np.argsort(colours.sum(axis=1)))
     assert np.abs(np.diff(palette_order)).mean() > 2
@@ -106,7 +106,7 @@ def test_codebook_results_draw_codes_in_their_fixed_colours(tmp_path, rng):
     assert_written_legibly(fig, tmp_path / "results.png")
     code_axes = fig.axes[1::3]
     for ax, code in zip(code_axes, codes):
-        np.testing.assert_array_equal(ax.get_images()[0].get_array(), driver.code_colours(K)[code])
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), runs.code_colours(K)[code])
     texts = [text.get_text() for ax in fig.axes for text in ax.texts]
     assert texts == ["SSIM 0.500", "SSIM 0.750"]
     assert "arbitrary" in fig.get_supxlabel()
@@ -120,7 +120,7 @@ def test_samples_are_titled_with_their_heights(tmp_path, rng, heights):
     titles = [ax.get_title() for ax in fig.axes[:3]]
     assert titles == (["", "", ""] if heights is None else ["h = 0.00", "h = 0.25", "h = 1.00"])
     np.testing.assert_array_equal(fig.axes[0].get_images()[0].get_array(),
-                                  driver.code_colours(K)[codes[0]])
+                                  runs.code_colours(K)[codes[0]])
 
 
 def test_codebook_usage_is_on_a_log_scale(tmp_path):

@@ -157,8 +157,25 @@ def test_plainly_different_sets_score_one_under_every_seed():
         1.0, 0.0, 0.0)
 
 
+def test_the_samples_accuracy_is_the_mean_and_spread_of_the_draws(demo):
+    """Three draws against the real test slices, one of real training slices and two blurred:
+    the accuracy is the draws' mean and its sd their spread, which the test's own seeds cannot
+    show; the anatomy distances are the first draw's; one draw keeps the test's own spread."""
+    real = evaluation.realism_summary(demo["test"])
+    like = evaluation.realism_summary(demo["train"][: len(demo["test"])])
+    unlike = evaluation.realism_summary(evaluation.blurred(demo["test"]))
+    each = [evaluation.realism(real, draw, seed=0) for draw in (like, unlike)]
+    result = evaluation.realism_over_draws(real, [like, unlike, unlike], seed=0)
+    accuracies = [each[0]["c2st_accuracy"], *[each[1]["c2st_accuracy"]] * 2]
+    assert result["c2st_accuracy"] == pytest.approx(np.mean(accuracies))
+    assert result["c2st_sd"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert result["c2st_sd"] > max(draw["c2st_sd"] for draw in each)
+    assert result["anatomy"] == each[0]["anatomy"]
+    assert evaluation.realism_over_draws(real, [like], seed=0) == each[0]
+
+
 def test_the_accuracies_are_printed_beside_their_floors(capsys):
-    scores = {"c2st_accuracy": 0.9, "c2st_sd": 0.01, "c2st_stderr": 0.04}
+    scores = {"c2st_accuracy": 0.9, "c2st_sd": 0.01, "c2st_stderr": 0.04, "draws": 3}
     scores.update({f"{name}{end}": value for name in ("c2st_vs_reconstructions",
                                                      "c2st_vs_train_reconstructions",
                                                      "floor_train_vs_test")
@@ -168,6 +185,7 @@ def test_the_accuracies_are_printed_beside_their_floors(capsys):
     evaluation.print_beside_floors({"samples": scores, "vqvae": vq})
     printed = capsys.readouterr().out
     assert "samples vs real test slices" in printed and "0.900 ± 0.010 (s.e. 0.040)" in printed
+    assert "the samples' over 3 independent draws" in printed
     assert "floor: real training vs real test slices" in printed
     (halves,) = [line for line in printed.splitlines() if "two halves" in line]
     assert "nan (too few images" in halves

@@ -8,6 +8,7 @@ import pytest
 import data
 import driver
 import evaluation
+import runs
 
 SIZE = 64
 NOISE = 0.01  # sd of the noise on the copies: a copy need not be bit for bit
@@ -77,4 +78,4 @@ def test_memorisation_figure(demo, tmp_path):
     assert len(images_drawn) == 2 * driver.MEMORISATION_SHOWN
     labels = [text.get_text() for ax in fig.axes for text in ax.texts]
     assert labels[:2] == [f"SSIM {score:.3f}" for score in shown[2][:2]]
-    assert fig.get_figwidth() == driver.FIGURE_WIDTH
+    assert fig.get_figwidth() == runs.FIGURE_WIDTH

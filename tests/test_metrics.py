@@ -54,7 +54,8 @@ def test_prior_nll_with_fixed_logits():
     logits = np.log(np.array([0.5, 0.25, 0.125, 0.125]))
     prior = fixed_logits_prior(logits)
     codes = np.array([[[0, 1], [2, 3]]] * 3, "int32")  # -log2 p: 1, 2, 3, 3 bits
-    np.testing.assert_allclose(evaluation.prior_nll_bits(prior, codes, batch_size=2), 9 / 4, rtol=1e-5)
+    np.testing.assert_allclose(evaluation.prior_nll_bits(prior, codes, batch_size=2), 9 / 4,
+                               rtol=1e-5)
 
 
 def test_nearest_neighbour_ssim_finds_the_copy():

@@ -13,7 +13,8 @@ import runs
 
 
 def test_every_flag_is_a_setting_and_every_setting_a_flag():
-    flags = {action.dest for action in driver.build_parser()._actions if action.dest != "help"}
+    flags = {action.dest for action in runs.build_parser(data.DEMO_DEFAULTS)._actions
+             if action.dest != "help"}
     config_fields = {field.name for config in (runs.DataConfig, runs.VQVAEConfig,
                                                runs.PriorConfig)
                      for field in dataclasses.fields(config)}
