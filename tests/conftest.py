@@ -96,6 +96,25 @@ def assert_round_trip(model, inputs, tmp_path):
     return loaded
 
 
+def compiled_forward(prior):
+    """The prior's forward pass on whole maps, as `predict` runs it, compiled once."""
+    import tensorflow as tf
+
+    forward = tf.function(lambda inputs: prior(inputs, training=False))
+    return lambda inputs, verbose=0: forward(inputs).numpy()
+
+
+def naive_codes(prior, *args, **kwargs):
+    """pixelcnn.sample_codes_naive with its `predict` replaced by compiled_forward, which
+    computes the same logits (test_compiled_forward_computes_what_predict_computes, in
+    test_pixelcnn.py and test_code_condition.py): predict sets itself up again on each call, once
+    per code, and that set-up is what would take these tests their time."""
+    import pixelcnn
+
+    prior.predict = compiled_forward(prior)
+    return pixelcnn.sample_codes_naive(prior, *args, **kwargs)
+
+
 def flattened(metrics, prefix=""):
     """Nested metrics as one level: {"a": {"b": 1}} -> {"a.b": 1}."""
     flat = {}

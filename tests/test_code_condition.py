@@ -5,7 +5,7 @@ the receptive field, saving and the errors."""
 import keras
 import numpy as np
 import pytest
-from conftest import assert_round_trip
+from conftest import assert_round_trip, compiled_forward, naive_codes
 
 import pixelcnn
 
@@ -97,6 +97,18 @@ def test_the_top_condition_keeps_the_receptive_field():
 
 
 @pytest.mark.parametrize("condition, positions", [("none", False), ("slice", True)])
+def test_compiled_forward_computes_what_predict_computes(condition, positions):
+    """The naive loop's forward pass (conftest's naive_codes) given the top codes too."""
+    prior = top_prior(condition, residual_blocks=2, dilation_cycle=2,
+                      positions=GRID if positions else None)
+    codes = random_maps((len(HEIGHTS), *GRID), K, 10)
+    top = random_maps((len(HEIGHTS), *TOP_GRID), TOP_K, 11)
+    inputs = pixelcnn.prior_inputs(prior, codes, HEIGHTS if condition == "slice" else None, top)
+    np.testing.assert_array_equal(compiled_forward(prior)(inputs),
+                                  prior.predict(inputs, verbose=0))
+
+
+@pytest.mark.parametrize("condition, positions", [("none", False), ("slice", True)])
 def test_fast_sampler_draws_what_the_naive_loop_draws_given_the_top_codes(condition, positions):
     """Two blocks dilated by 1 and 2 read 7 rows above: a 9-row map makes the sampler drop rows
     it no longer needs. The top grid's rows are tripled, its columns doubled."""
@@ -108,8 +120,7 @@ def test_fast_sampler_draws_what_the_naive_loop_draws_given_the_top_codes(condit
     heights = HEIGHTS if condition == "slice" else None
     sampler = pixelcnn.code_sampler(prior, grid)
     fast = sampler(len(HEIGHTS), 1.0, 7, heights, top).numpy()
-    naive = pixelcnn.sample_codes_naive(prior, len(HEIGHTS), grid, seed=7, heights=heights,
-                                        top_codes=top).numpy()
+    naive = naive_codes(prior, len(HEIGHTS), grid, seed=7, heights=heights, top_codes=top).numpy()
     np.testing.assert_array_equal(fast, naive)
     # the top codes are read: other top codes, same seed, other draws
     other = sampler(len(HEIGHTS), 1.0, 7, heights, (top + 1) % TOP_K).numpy()

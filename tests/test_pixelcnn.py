@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import pixelcnn
-from conftest import assert_round_trip, fixed_logits_prior
+from conftest import assert_round_trip, compiled_forward, fixed_logits_prior, naive_codes
 
 KINDS = pixelcnn.KINDS
 K = 6
@@ -185,21 +185,6 @@ def test_dilated_gated_prior_sees_the_whole_map(float64):
     np.testing.assert_array_equal(changes[0], position > 0)  # all codes after (0, 0)
     assert changes[np.arange(height), np.arange(height), 1:].all()  # all of row r after (r, 0)
     assert not (changes & (position <= position[:, :1, None])).any()  # none before
-
-
-def compiled_forward(prior):
-    """The prior's forward pass on whole maps, as `predict` runs it, compiled once."""
-    forward = tf.function(lambda inputs: prior(inputs, training=False))
-    return lambda inputs, verbose=0: forward(inputs).numpy()
-
-
-def naive_codes(prior, *args, **kwargs):
-    """pixelcnn.sample_codes_naive with its `predict` replaced by compiled_forward, which
-    computes the same logits (test_compiled_forward_computes_what_predict_computes): predict sets
-    itself up again on each call, once per code, and that set-up is what would take these tests
-    their time."""
-    prior.predict = compiled_forward(prior)
-    return pixelcnn.sample_codes_naive(prior, *args, **kwargs)
 
 
 @pytest.mark.parametrize("condition", pixelcnn.CONDITIONS)
