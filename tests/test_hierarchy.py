@@ -2,8 +2,7 @@
 serialization and one step under tf.distribute, on 32x32 images with top 4x4 and bottom 8x8."""
 
 import json
-import subprocess
-import sys
+import shutil
 import textwrap
 
 import keras
@@ -11,7 +10,9 @@ import numpy as np
 import pytest
 
 import vqvae
-from conftest import PIXEL_RANGE, REPO, assert_round_trip, smooth_blobs
+from conftest import (BACKGROUND_RUNS, PIXEL_RANGE, TINY_MODELS, PythonProcess, Scenario,
+                      assert_round_trip, driver_process, smooth_blobs, succeeded,
+                      write_split_folders)
 
 K, D, DOWNSAMPLE, SIZE = 16, 4, 8, 32
 IMAGES = np.random.default_rng(0).uniform(*PIXEL_RANGE, (4, SIZE, SIZE, 1)).astype("float32")
@@ -200,11 +201,20 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 """)
 
 
-def test_mirrored_step_matches_single_device_step():
+BACKGROUND_RUNS["hierarchy_one_step_both_ways"] = lambda root: {
+    "process": PythonProcess("-c", ONE_STEP_BOTH_WAYS)}
+
+
+@pytest.fixture
+def hierarchy_one_step_both_ways(background_runs):
+    """ONE_STEP_BOTH_WAYS, finished."""
+    return background_runs.finished("hierarchy_one_step_both_ways")["result"]
+
+
+def test_mirrored_step_matches_single_device_step(hierarchy_one_step_both_ways):
     """In a process of its own, which splits the CPU before TensorFlow starts; the weights
     compared include both EMA codebooks and their statistics."""
-    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = hierarchy_one_step_both_ways
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     for quantizer, result in results.items():
@@ -217,26 +227,42 @@ def test_mirrored_step_matches_single_device_step():
 # The pipeline with --levels 2
 
 
-@pytest.fixture(scope="module")
-def two_level_run(tmp_path_factory):
-    """A tiny two-level run in this process: 32x32 slices of two heights, top 4x4 and bottom
-    8x8 codes, both priors conditioned on the height and the bottom one on the top codes."""
-    from conftest import TINY_MODELS, run_in_process, write_split_folders
-
-    root = tmp_path_factory.mktemp("two_levels")
+def start_two_level_run(root):
+    """A tiny two-level run: 32x32 slices of two heights, top 4x4 and bottom 8x8 codes, both
+    priors conditioned on the height and the bottom one on the top codes; its metrics.json
+    copied to "trained_metrics", then the same command with --evaluate."""
     data = write_split_folders(root / "data", slices_per_case=2)
-    out = root / "out"
+    out, trained_metrics = root / "out", root / "trained_metrics.json"
     args = ["--data", data, "--out", out, "--image-size", SIZE, "--downsample", DOWNSAMPLE,
             "--levels", "2", *TINY_MODELS, "--num-samples", "10", "--verbose", "0"]
-    printed = run_in_process(*args)
-    return {"data": data, "out": out, "args": args, "printed": printed}
+
+    def train_then_evaluate(processes):
+        processes.append(run := driver_process(*args))
+        trained = run.result()
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        shutil.copy(out / "metrics.json", trained_metrics)
+        processes.append(evaluation := driver_process(*args, "--evaluate"))
+        return evaluation.result()
+
+    return {"data": data, "out": out, "trained_metrics": trained_metrics,
+            "process": Scenario(train_then_evaluate)}
+
+
+BACKGROUND_RUNS["two_level_run"] = start_two_level_run
+
+
+@pytest.fixture(scope="module")
+def two_level_run(background_runs):
+    """The finished two-level run; "result" is its --evaluate's, and its out folder's
+    metrics.json the one --evaluate wrote."""
+    return background_runs.finished("two_level_run")
 
 
 def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_run):
     out = two_level_run["out"]
     assert {path.name for path in (out / "checkpoints").glob("*.keras")} == {
         "vqvae.keras", "pixelcnn.keras", "pixelcnn_bottom.keras"}
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads(two_level_run["trained_metrics"].read_text())
     for level in ("", "bottom_"):
         assert 0 < metrics["vqvae"][f"{level}codes_used"] <= 1
         assert 0 < metrics["pixelcnn"][f"{level}test_nll_bits"] < 2 * np.log2(K)
@@ -257,17 +283,15 @@ def test_the_bottom_nll_is_the_bottom_priors_on_the_test_codes(two_level_run):
     top, bottom = data.encode(model, splits.scaled("test"))
     logits = bottom_prior([bottom, splits.heights("test"), top], training=False)
     nll = keras.losses.sparse_categorical_crossentropy(bottom, logits, from_logits=True)
-    saved = json.loads((out / "metrics.json").read_text())["pixelcnn"]["bottom_test_nll_bits"]
+    saved = json.loads(two_level_run["trained_metrics"].read_text())["pixelcnn"][
+        "bottom_test_nll_bits"]
     assert saved == pytest.approx(float(np.mean(nll)) / np.log(2), rel=1e-5)
 
 
-def test_a_two_level_run_evaluates_again_to_the_same_metrics(two_level_run, tmp_path):
-    from conftest import run_in_process
-
-    out = two_level_run["out"]
-    before = json.loads((out / "metrics.json").read_text())
-    run_in_process(*two_level_run["args"], "--evaluate")
-    assert json.loads((out / "metrics.json").read_text()) == before
+def test_a_two_level_run_evaluates_again_to_the_same_metrics(two_level_run):
+    succeeded(two_level_run)
+    before = json.loads(two_level_run["trained_metrics"].read_text())
+    assert json.loads((two_level_run["out"] / "metrics.json").read_text()) == before
 
 
 def test_two_levels_need_a_downsample_of_at_least_4(capsys):
