@@ -4,15 +4,13 @@ weights and optimizer saved, loaded and resumed, and one step under tf.distribut
 images."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import PIXEL_RANGE, REPO, smooth_blobs
+from conftest import BACKGROUND_RUNS, PIXEL_RANGE, PythonProcess, smooth_blobs
 
 import vqvae
 
@@ -458,10 +456,19 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 """)
 
 
-def test_mirrored_step_matches_single_device_step():
+BACKGROUND_RUNS["losses_one_step_both_ways"] = lambda root: {
+    "process": PythonProcess("-c", ONE_STEP_BOTH_WAYS)}
+
+
+@pytest.fixture
+def losses_one_step_both_ways(background_runs):
+    """ONE_STEP_BOTH_WAYS, finished."""
+    return background_runs.finished("losses_one_step_both_ways")["result"]
+
+
+def test_mirrored_step_matches_single_device_step(losses_one_step_both_ways):
     """The adaptive weight, both hinge losses and both optimizers' steps on the global batch."""
-    result = subprocess.run([sys.executable, "-c", ONE_STEP_BOTH_WAYS], cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    result = losses_one_step_both_ways
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert results["replicas"] == 2
