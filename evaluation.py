@@ -768,11 +768,10 @@ def print_beside_floors(metrics):
     """Each two-sample accuracy as mean ± sd, the samples' over their draws, the others' over
     the test's seeds, with one test's standard error, above the floors it is read against."""
     draws = metrics["samples"]["draws"]
-    seeds = f"{C2ST_REPEATS} seeds of the test (folds and parts; the images fixed)"
-    spread = (f"the samples' over {draws} independent draws of them, the others' over {seeds}"
-              if draws > 1 else f"over {seeds}")
-    print(f"\nTwo-sample accuracy: mean ± sd ({spread}), and one test's standard error (the "
-          "images' share)")
+    seeds = f"over {C2ST_REPEATS} seeds of the test (folds and parts, the images fixed)"
+    print("\nTwo-sample accuracy: mean ± sd, and one test's standard error (the images' share)")
+    print(f"  sd: the samples' over {draws} independent draws of them, the others' {seeds}"
+          if draws > 1 else f"  sd: {seeds}")
     for group, key, label in TWO_SAMPLE_SCORES:
         if key not in metrics[group]:
             print(f"  {label:<48} nan (too few images, see above)")
