@@ -141,11 +141,12 @@ class VQVAEConfig:
              "restarted at an encoder output drawn in proportion to its squared quantization "
              "error; 0 never restarts")
     levels: int = setting(
-        1, type=int, choices=(1, 2),
-        help="1: one code map at the grid of --downsample; 2: VQ-VAE-2's hierarchy, top codes "
-             "at that grid and bottom codes at twice its resolution, each level with its own "
+        2, type=int, choices=(1, 2),
+        help="2: VQ-VAE-2's hierarchy (Razavi et al. 2019), top codes at the grid of "
+             "--downsample and bottom codes at twice its resolution, each level with its own "
              "codebook and prior, the bottom prior conditioned on the top codes (needs "
-             "--downsample >= 4)")
+             "--downsample >= 4 and the gated prior); 1: one code map at the grid of "
+             "--downsample, as in the VQ-VAE paper")
     reconstruction: str = setting(
         vqvae.PAPER_RECONSTRUCTION, choices=vqvae.RECONSTRUCTIONS,
         help="the reconstruction term: mse, the squared error over the data variance (eq. 3); "
@@ -438,9 +439,11 @@ class Settings:
         if self.slice is not None and not prior.conditional:
             yield "--slice", "only a prior with --condition slice takes heights"
         if vq.levels == 2 and vq.downsample < 4:
-            yield "--levels", f"2 needs --downsample >= 4 (the bottom grid's), got {vq.downsample}"
+            yield "--levels", (f"2 needs --downsample >= 4 (the bottom grid's), got "
+                               f"{vq.downsample}; use --levels 1")
         if vq.levels == 2 and prior.pcnn_type != "gated":
-            yield "--levels", "2 needs --pcnn-type gated (the bottom prior reads the top codes)"
+            yield "--levels", ("2 needs --pcnn-type gated (the bottom prior reads the top codes); "
+                               "use --levels 1")
 
 
 # ---------------------------------------------------------------------------------------------

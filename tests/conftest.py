@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 # The smallest models and runs; with --demo they run at the demo's image size and downsampling.
 TINY_MODELS = ["--epochs", "1", "--pcnn-epochs", "1", "--K", "16", "--D", "4", "--batch_size", "8",
                "--pcnn-filters", "16", "--pcnn-res-blocks", "2", "--num-samples", "10"]
-# Unconditional: the tiny splits name every slice slice_0, one height.
-TINY_RUN = ["--image-size", "32", "--downsample", "4", *TINY_MODELS, "--condition", "none"]
+# Unconditional (the tiny splits name every slice slice_0, one height), one code level.
+TINY_RUN = ["--image-size", "32", "--downsample", "4", "--levels", "1", *TINY_MODELS,
+            "--condition", "none"]
 
 # The scaled pixel range at the default --shift of 0.5.
 PIXEL_RANGE = (-0.5, 0.5)

@@ -299,3 +299,13 @@ def test_two_levels_need_a_downsample_of_at_least_4(capsys):
 
     message = one_line_error(capsys, ["--levels", "2", "--downsample", "2"])
     assert "--levels" in message and "--downsample >= 4" in message
+
+
+def test_two_levels_are_the_default_and_the_demo_keeps_one(capsys):
+    import driver
+    from conftest import one_line_error
+
+    assert driver.parse_args([]).vqvae.levels == 2
+    assert driver.parse_args(["--demo"]).vqvae.levels == 1
+    message = one_line_error(capsys, ["--pcnn-type", "plain"])
+    assert "--levels" in message and "use --levels 1" in message

@@ -57,16 +57,20 @@ def test_slice_without_a_conditional_prior_is_refused(capsys):
     assert "--condition slice" in one_line_error(capsys, ["--condition", "none", "--slice", "0.5"])
 
 
+# The plain prior, with the one code level it can model
+PLAIN_ONE_LEVEL = ["--pcnn-type", "plain", "--levels", "1"]
+
+
 def test_the_plain_prior_is_unconditional_and_refuses_conditioning(capsys):
     assert driver.parse_args([]).prior.condition == "slice"
-    assert driver.parse_args(["--pcnn-type", "plain"]).prior.condition == "none"
+    assert driver.parse_args(PLAIN_ONE_LEVEL).prior.condition == "none"
     message = one_line_error(capsys, ["--pcnn-type", "plain", "--condition", "slice"])
     assert "--condition" in message and "gated" in message
 
 
 def test_the_plain_prior_learns_no_positions(capsys):
     assert driver.parse_args([]).prior.pcnn_positions == "learned"
-    assert driver.parse_args(["--pcnn-type", "plain"]).prior.pcnn_positions == "none"
+    assert driver.parse_args(PLAIN_ONE_LEVEL).prior.pcnn_positions == "none"
     message = one_line_error(capsys, ["--pcnn-type", "plain", "--pcnn-positions", "learned"])
     assert "--pcnn-positions" in message and "gated" in message
 
