@@ -111,3 +111,33 @@ def test_the_check_reads_keys_with_dots_and_catches_a_wrong_number():
     ((folder, key, cell),) = quoted_numbers(table)
     assert (folder, key) == ("resources/demo", "samples.c2st")
     assert not agrees(cell, metric(metrics, key))
+
+
+COMMAND = re.compile(r"python driver\.py((?:\\\n|[^\n`\\])*)")
+
+
+def readme_commands(text):
+    """The flags of each `python driver.py` command the README shows, its continued lines
+    joined."""
+    for match in COMMAND.finditer(text):
+        yield match.group(1).replace("\\\n", " ").split()
+
+
+def test_every_command_the_readme_shows_is_accepted():
+    """A default that changes under a documented command (a flag it no longer combines with)
+    is caught here, not by a reader."""
+    import driver
+
+    commands = list(readme_commands((REPO / "README.md").read_text()))
+    assert len(commands) >= 5
+    for flags in commands:
+        driver.parse_args([flag for flag in flags if flag not in ("-h", "--help")])
+
+
+def test_the_command_check_sees_a_refused_combination():
+    import driver
+
+    (flags,) = readme_commands("    python driver.py --pcnn-type plain \\\n        --K 8\n")
+    assert flags == ["--pcnn-type", "plain", "--K", "8"]
+    with pytest.raises(SystemExit):
+        driver.parse_args(flags)
