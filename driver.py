@@ -278,6 +278,8 @@ VQ_LOSSES = {"loss": ("VQ-VAE: total loss", "loss"),
              "reconstruction_loss": ("VQ-VAE: reconstruction", None),  # RECONSTRUCTION_TERMS
              "vq_loss": ("VQ-VAE: VQ loss", "codebook + β · commitment")}
 RECONSTRUCTION_TERMS = {"mse": "MSE / data variance", "l1_msssim": "α (1 − MS-SSIM) + (1 − α) L1"}
+# the priors' panels, by the number of code levels
+PRIOR_TITLES = {1: ("PixelCNN prior",), 2: ("top PixelCNN prior", "bottom PixelCNN prior")}
 
 
 def plot_curves(ax, history, key, title, ylabel):
@@ -293,32 +295,34 @@ def plot_curves(ax, history, key, title, ylabel):
     runs.epoch_axis(ax)
 
 
-def plot_losses(vq_history, prior_history, path, unigram_bits=None, reconstruction="mse"):
+def plot_losses(vq_history, prior_histories, path, unigram_bits=(), reconstruction="mse"):
     """Training and validation losses per epoch: the VQ-VAE's three, on log scales since the late
-    epochs' progress is a small fraction of the first's, and, with its history, the prior's
-    cross-entropy, where a rising validation curve shows it overfitting. `unigram_bits`, the
-    code entropy on the training split, is what a prior that ignores context reaches;
-    `reconstruction` is --reconstruction, the VQ-VAE's reconstruction term."""
-    panels = [*(VQ_LOSSES if vq_history else ()), *(["prior"] if prior_history else [])]
-    rows = math.ceil(len(panels) / 2)
+    epochs' progress is a small fraction of the first's, and each code level's prior's
+    cross-entropy (top first), where a rising validation curve shows it overfitting. A history
+    is None for checkpoints without one. `unigram_bits`, each level's code entropy on the
+    training split, is what a prior that ignores context reaches; `reconstruction` is
+    --reconstruction, the VQ-VAE's reconstruction term."""
+    titles = PRIOR_TITLES[len(prior_histories)] if prior_histories else ()
+    priors = [(title, history, bits) for title, history, bits
+              in zip(titles, prior_histories, [*unigram_bits, *[None] * len(titles)])
+              if history]
+    vq_panels = list(VQ_LOSSES) if vq_history else []
+    panels = len(vq_panels) + len(priors)
+    rows = math.ceil(panels / 2)
     fig = Figure(figsize=(runs.FIGURE_WIDTH, 2.6 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, 2, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
+    for ax in axes[panels:]:
         ax.remove()
-    for ax, panel in zip(axes, panels):
-        if panel == "prior":
-            in_bits = {key: np.asarray(values) / math.log(2)
-                       for key, values in prior_history.items()}
-            plot_curves(ax, in_bits, "loss", "PixelCNN prior: cross-entropy", "bits per code")
-            if unigram_bits is not None:
-                ax.axhline(unigram_bits, color="grey", linestyle="--",
-                           label="code entropy (no context)")
-        else:
-            title, ylabel = VQ_LOSSES[panel]
-            plot_curves(ax, vq_history, panel, title,
-                        ylabel or RECONSTRUCTION_TERMS[reconstruction])
-            runs.plain_log_axis(ax)
-    handles = {label: handle for ax in axes[:len(panels)]
+    for ax, key in zip(axes, vq_panels):
+        title, ylabel = VQ_LOSSES[key]
+        plot_curves(ax, vq_history, key, title, ylabel or RECONSTRUCTION_TERMS[reconstruction])
+        runs.plain_log_axis(ax)
+    for ax, (title, history, bits) in zip(axes[len(vq_panels):], priors):
+        in_bits = {key: np.asarray(values) / math.log(2) for key, values in history.items()}
+        plot_curves(ax, in_bits, "loss", f"{title}: cross-entropy", "bits per code")
+        if bits is not None:
+            ax.axhline(bits, color="grey", linestyle="--", label="code entropy (no context)")
+    handles = {label: handle for ax in axes[:panels]
                for handle, label in zip(*ax.get_legend_handles_labels())}
     fig.legend(handles.values(), handles.keys(), loc="outside upper center",
                ncols=min(len(handles), 2))
@@ -515,13 +519,15 @@ def plot_memorisation(samples, nearest, scores, test_threshold, path):
 
 
 def write_figures(model, splits, histories, sampled, codes, statistics, metrics, settings):
-    """The figures of a run; `histories` holds the VQ-VAE's and the prior's per-epoch logs
-    ({metric: [value per epoch]}, None for checkpoints without a history file)."""
+    """The figures of a run; `histories` holds the VQ-VAE's and each level's prior's per-epoch
+    logs ({metric: [value per epoch]}, None for checkpoints without a history file)."""
     out, shift, num_embeddings = settings.out, settings.data.shift, settings.vqvae.K
-    vq_history, prior_history = histories
-    if vq_history or prior_history:
-        plot_losses(vq_history, prior_history, out / "loss_plot.png",
-                    metrics["pixelcnn"]["unigram_bits"], settings.vqvae.reconstruction)
+    vq_history, *prior_histories = histories
+    if vq_history or any(prior_histories):
+        unigram_bits = [metrics["pixelcnn"][f"{level}unigram_bits"]
+                        for level in evaluation.LEVEL_PREFIXES[:len(prior_histories)]]
+        plot_losses(vq_history, prior_histories, out / "loss_plot.png", unigram_bits,
+                    settings.vqvae.reconstruction)
     if vq_history:
         plot_validation_quality(vq_history, num_embeddings, out / "ssim_plot.png")
     examples = next(iter(splits.scaled("validate").unbatch().batch(FIGURE_EXAMPLES)))
@@ -599,7 +605,7 @@ def run(settings):
     runs.save_json(metrics, settings.out / "metrics.json")
     runs.save_json(settings.flat(), settings.out / "run_settings.json")
     write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
-                                  for checkpoints in (vq_checkpoints, prior_checkpoints[0])],
+                                  for checkpoints in (vq_checkpoints, *prior_checkpoints)],
                   draws[0], codes, statistics, metrics, settings)
     evaluation.print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")

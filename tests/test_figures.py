@@ -55,8 +55,8 @@ def boxes_overlap(a, b):
 
 def test_loss_plot_has_a_panel_for_the_prior_and_labels_every_axis(tmp_path, rng):
     vq, prior = vq_history(rng), prior_history(rng)
-    vq_only = driver.plot_losses(vq, None, tmp_path / "vq.png")
-    both = driver.plot_losses(vq, prior, tmp_path / "both.png", unigram_bits=3.5)
+    vq_only = driver.plot_losses(vq, [], tmp_path / "vq.png")
+    both = driver.plot_losses(vq, [prior], tmp_path / "both.png", unigram_bits=[3.5])
     assert_written_legibly(both, tmp_path / "both.png")
     assert len(vq_only.axes) == len(driver.VQ_LOSSES)
     assert len(both.axes) == len(driver.VQ_LOSSES) + 1
@@ -73,9 +73,25 @@ def test_loss_plot_has_a_panel_for_the_prior_and_labels_every_axis(tmp_path, rng
     assert {"training", "validation"} <= set(labels)
 
 
+def test_loss_plot_has_a_panel_for_each_levels_prior(tmp_path, rng):
+    top, bottom = prior_history(rng), prior_history(rng)
+    fig = driver.plot_losses(vq_history(rng), [top, bottom], tmp_path / "loss.png",
+                             unigram_bits=[3.5, 4.5])
+    *vq_axes, top_axis, bottom_axis = fig.axes
+    assert len(vq_axes) == len(driver.VQ_LOSSES)
+    assert top_axis.get_title().startswith("top") and bottom_axis.get_title().startswith("bottom")
+    for axis, history, bits in ((top_axis, top, 3.5), (bottom_axis, bottom, 4.5)):
+        training = axis.get_lines()[0].get_ydata()
+        np.testing.assert_allclose(training, np.array(history["loss"]) / math.log(2))
+        assert any(np.allclose(line.get_ydata(), bits) for line in axis.get_lines())
+    # a level without a history file (an earlier version's checkpoint) has no panel
+    fig = driver.plot_losses(None, [top, None], tmp_path / "top_only.png")
+    assert [axis.get_title() for axis in fig.axes] == ["top PixelCNN prior: cross-entropy"]
+
+
 def test_loss_plot_marks_the_kept_epoch(tmp_path, rng):
     prior = {"loss": [3.0, 2.0, 1.5, 1.0], "val_loss": [2.5, 1.8, 2.0, 2.2]}
-    fig = driver.plot_losses(None, prior, tmp_path / "loss.png")
+    fig = driver.plot_losses(None, [prior], tmp_path / "loss.png")
     (marker,) = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("kept")]
     assert list(marker.get_xdata()) == [2] and list(marker.get_ydata()) == [1.8 / math.log(2)]
 
