@@ -167,27 +167,26 @@ class Sampled:
 
 def sample(model, priors, heights, settings):
     """--sample-draws independent draws of --num-samples code maps from the priors (at the
-    heights given), each level given the one above it, decoded."""
-    return [sample_once(model, priors, heights, settings, draw)
-            for draw in range(settings.sample_draws)]
-
-
-def sample_once(model, priors, heights, settings, draw):
-    levels, count = [], settings.num_samples
+    heights given), each level given the one above it, decoded. Each level's sampler is
+    compiled once for all the draws."""
+    draws, count = range(settings.sample_draws), settings.num_samples
+    codes = [[] for _ in draws]  # each draw's code maps, a level at a time, top first
     for level, (prior, grid) in enumerate(zip(priors, model.code_grids(settings.data.image_size))):
         started = time.perf_counter()
         if settings.verbose != runs.QUIET:
-            print(f"Draw {draw + 1} of {settings.sample_draws}: sampling {count} code maps of "
-                  f"{grid}x{grid}, a row of each at a time")
-        levels.append(pixelcnn.sample_codes(
-            prior, count, (grid, grid), settings.temperature,
-            sampler_seed(settings.data.seed, draw, level), heights,
-            runs.progress_of_long_steps(grid, settings.verbose, "row"),
-            top_codes=levels[-1] if levels else None))
-        print(f"Sampled {count} code maps of {grid}x{grid} in "
+            print(f"Sampling {len(draws)} draws of {count} code maps of {grid}x{grid}, a row of "
+                  "each at a time")
+        sampler = pixelcnn.code_sampler(
+            prior, (grid, grid), runs.progress_of_long_steps(grid * len(draws), settings.verbose,
+                                                             "row"))
+        for draw in draws:
+            codes[draw].append(sampler(count, settings.temperature,
+                                       sampler_seed(settings.data.seed, draw, level), heights,
+                                       codes[draw][-1] if level else None))
+        print(f"Sampled {len(draws)} x {count} code maps of {grid}x{grid} in "
               f"{time.perf_counter() - started:.1f} s")
-    images = evaluation.to_unit_range(model.decode_indices(*levels), settings.data.shift).numpy()
-    return Sampled(levels[0].numpy(), images, heights)
+    return [Sampled(levels[0].numpy(), evaluation.to_unit_range(
+        model.decode_indices(*levels), settings.data.shift).numpy(), heights) for levels in codes]
 
 
 def sampler_seed(seed, draw, level):

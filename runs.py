@@ -14,6 +14,7 @@ models, and the distribution strategies. Nothing here is the models' math.
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -705,12 +706,14 @@ class LinePerStep:
 
 
 def progress_of_long_steps(steps, verbose, unit):
-    """update(steps done) for steps that each take long (a sampled row): a line per step for a
-    log file (LINES), a progress bar (BARS), or None (QUIET)."""
+    """A function to call once per finished step, for steps that each take long (a sampled
+    row): a line per step for a log file (LINES), a progress bar (BARS), or None (QUIET)."""
     if verbose == QUIET:
         return None
-    return (LinePerStep(steps, unit) if verbose == LINES
-            else progress_bar(steps, verbose, unit=unit)).update
+    progress = LinePerStep(steps, unit) if verbose == LINES else progress_bar(steps, verbose,
+                                                                               unit=unit)
+    done = itertools.count(1)
+    return lambda *_: progress.update(next(done))
 
 
 def read_epochs(path):

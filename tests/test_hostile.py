@@ -100,6 +100,17 @@ def test_sampling_progress_reports_each_row_and_draws_the_same_codes():
         assert rows == list(range(1, GRID[0] + 1))
 
 
+def test_progress_counts_rows_across_draws(capsys):
+    """A sampler compiled once reports each draw's rows from 1 again: the progress counts calls,
+    so two draws of 3 rows are rows 1 to 6 of 6."""
+    rows_done = runs.progress_of_long_steps(6, runs.LINES, "row")
+    for row in (1, 2, 3, 1, 2, 3):
+        rows_done(row)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [f"{done}/6" for done in range(1, 7)]
+    assert runs.progress_of_long_steps(6, runs.QUIET, "row") is None
+
+
 def test_a_log_file_gets_one_line_per_sampled_row(capsys):
     rows = 3
     progress = runs.LinePerStep(rows, "row")
