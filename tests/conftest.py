@@ -263,6 +263,19 @@ def start_demo_run(root):
 BACKGROUND_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0"),
                    "tiny_rerun": start_tiny_run, "mirrored_run": start_mirrored_run,
                    "demo_run": start_demo_run}
+def background_script(name, script):
+    """Registers `python -c script` as the background run `name`, and returns the fixture of
+    that name, which gives the finished process's result; a test module assigns it to a
+    module-level name for pytest to find."""
+    BACKGROUND_RUNS[name] = lambda root: {"process": PythonProcess("-c", script)}
+
+    @pytest.fixture(name=name)
+    def finished(background_runs):
+        return background_runs.finished(name)["result"]
+
+    return finished
+
+
 # Background processes at a time: the tests in this process, mostly single-threaded, leave about
 # a core to them; more would slow those tests down without finishing the runs sooner.
 BACKGROUND_PROCESSES = 2

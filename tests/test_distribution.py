@@ -13,7 +13,7 @@ import pytest
 
 import pixelcnn
 import vqvae
-from conftest import BACKGROUND_RUNS, PythonProcess
+from conftest import background_script
 
 # Prints, as JSON, how far one step moved the weights and how far the two ways differ.
 ONE_STEP_BOTH_WAYS = textwrap.dedent("""
@@ -98,14 +98,7 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 """)
 
 
-BACKGROUND_RUNS["one_step_both_ways"] = lambda root: {
-    "process": PythonProcess("-c", ONE_STEP_BOTH_WAYS)}
-
-
-@pytest.fixture
-def one_step_both_ways(background_runs):
-    """ONE_STEP_BOTH_WAYS, finished."""
-    return background_runs.finished("one_step_both_ways")["result"]
+one_step_both_ways = background_script("one_step_both_ways", ONE_STEP_BOTH_WAYS)
 
 
 def test_mirrored_step_matches_single_device_step(one_step_both_ways):

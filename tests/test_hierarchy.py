@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import vqvae
-from conftest import (BACKGROUND_RUNS, PIXEL_RANGE, TINY_MODELS, PythonProcess, Scenario,
-                      assert_round_trip, driver_process, smooth_blobs, succeeded,
+from conftest import (BACKGROUND_RUNS, PIXEL_RANGE, TINY_MODELS, Scenario, assert_round_trip,
+                      background_script, driver_process, smooth_blobs, succeeded,
                       write_split_folders)
 
 K, D, DOWNSAMPLE, SIZE = 16, 4, 8, 32
@@ -201,14 +201,8 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 """)
 
 
-BACKGROUND_RUNS["hierarchy_one_step_both_ways"] = lambda root: {
-    "process": PythonProcess("-c", ONE_STEP_BOTH_WAYS)}
-
-
-@pytest.fixture
-def hierarchy_one_step_both_ways(background_runs):
-    """ONE_STEP_BOTH_WAYS, finished."""
-    return background_runs.finished("hierarchy_one_step_both_ways")["result"]
+hierarchy_one_step_both_ways = background_script("hierarchy_one_step_both_ways",
+                                                 ONE_STEP_BOTH_WAYS)
 
 
 def test_mirrored_step_matches_single_device_step(hierarchy_one_step_both_ways):

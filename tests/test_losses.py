@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import BACKGROUND_RUNS, PIXEL_RANGE, PythonProcess, smooth_blobs
+from conftest import PIXEL_RANGE, background_script, smooth_blobs
 
 import vqvae
 
@@ -456,14 +456,8 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
 """)
 
 
-BACKGROUND_RUNS["losses_one_step_both_ways"] = lambda root: {
-    "process": PythonProcess("-c", ONE_STEP_BOTH_WAYS)}
-
-
-@pytest.fixture
-def losses_one_step_both_ways(background_runs):
-    """ONE_STEP_BOTH_WAYS, finished."""
-    return background_runs.finished("losses_one_step_both_ways")["result"]
+losses_one_step_both_ways = background_script("losses_one_step_both_ways",
+                                              ONE_STEP_BOTH_WAYS)
 
 
 def test_mirrored_step_matches_single_device_step(losses_one_step_both_ways):
