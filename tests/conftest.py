@@ -132,8 +132,11 @@ class PythonProcess:
     def __init__(self, *args, cwd=REPO):
         self.args = [sys.executable, *map(str, args)]
         self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        # one TensorFlow thread of each kind: BACKGROUND_PROCESSES of them share the core that
+        # the tests in this process leave idle, and more threads would only contend for it
+        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
         self.process = subprocess.Popen(self.args, stdout=self.stdout, stderr=self.stderr,
-                                        cwd=cwd)
+                                        env=env, cwd=cwd)
 
     def result(self):
         """The finished process as subprocess.run returns it: arguments, return code, output."""
