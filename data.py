@@ -202,8 +202,11 @@ def load_splits(data_dir, size, shift, batch_size, demo, verbose=QUIET):
 
 
 def pixel_variance(images, verbose=QUIET):
-    """Variance of the pixels in [0, 1] of a uint8 dataset; shifting does not change it. The
-    first pass over a split decodes its PNGs into the cache, hence the progress bar."""
+    """Variance of the pixels in [0, 1] of a uint8 dataset (the training split); shifting does
+    not change it. The first pass over a split decodes its PNGs into the cache, hence the
+    progress bar."""
+    if verbose != QUIET:
+        print("Decoding the training images for their pixel variance")
     total, total_squares, count = 0.0, 0.0, 0
     batches = images.batch(NUMPY_BATCH)
     progress = progress_bar(int(batches.cardinality()), verbose, unit="batch")

@@ -112,8 +112,6 @@ class ValidationQuality(keras.callbacks.Callback):
 def train_vqvae(splits, settings, checkpoints, strategy):
     given, vq = settings.data, settings.vqvae
     print(f"Training the {'two-level ' if vq.levels == 2 else ''}VQ-VAE for {vq.epochs} epochs")
-    if settings.verbose != runs.QUIET:
-        print("Decoding the training images for their pixel variance")
     variance = data.pixel_variance(splits.train, settings.verbose)
     with strategy.scope():
         model = vq.build((-given.shift, 1.0 - given.shift), variance)
@@ -340,19 +338,16 @@ def plot_validation_quality(history, num_embeddings, path):
     ssim_axis.set(title="validation SSIM", ylabel="mean SSIM")
     runs.epoch_axis(ssim_axis)
     if tracks_codebook:
-        plot_codebook_history(codebook_axes[0], epochs, history, num_embeddings)
+        codebook_axis = codebook_axes[0]
+        codebook_axis.plot(epochs, history["val_codes_used"], marker="o", label="codes used")
+        codebook_axis.plot(epochs, np.array(history["val_codebook_perplexity"]) / num_embeddings,
+                           marker="o", label="perplexity / K")
+        codebook_axis.set(title=f"validation codebook use (K = {num_embeddings})",
+                          ylabel="share of K", ylim=(0, 1.05))
+        runs.epoch_axis(codebook_axis)
+        codebook_axis.legend()
     save_figure(fig, path)
     return fig
-
-
-def plot_codebook_history(codebook_axis, epochs, history, num_embeddings):
-    codebook_axis.plot(epochs, history["val_codes_used"], marker="o", label="codes used")
-    codebook_axis.plot(epochs, np.array(history["val_codebook_perplexity"]) / num_embeddings,
-                       marker="o", label="perplexity / K")
-    codebook_axis.set(title=f"validation codebook use (K = {num_embeddings})",
-                      ylabel="share of K", ylim=(0, 1.05))
-    runs.epoch_axis(codebook_axis)
-    codebook_axis.legend()
 
 
 def plot_codebook_results(originals, codes, reconstructions, scores, num_embeddings, path):
@@ -417,16 +412,6 @@ def plot_codebook_usage(counts, path):
     return fig
 
 
-def histogram_edges(values):
-    """Unit bins centred on the integers for a count (pieces), else equal bins; an undefined
-    (nan) value counts in no bin."""
-    pooled = np.concatenate(values)
-    pooled = pooled[np.isfinite(pooled)]
-    if np.all(pooled == np.round(pooled)):
-        return np.arange(pooled.min() - 0.5, pooled.max() + 1.5)
-    return np.histogram_bin_edges(pooled, bins=20)
-
-
 def plot_realism(statistics, distances, path):
     """One panel per anatomy statistic: its distribution in each image set, titled with the
     samples' distance from the real test slices in units of the real slices' spread."""
@@ -442,7 +427,7 @@ def plot_realism(statistics, distances, path):
             ax.set(xlabel="intensity inside the brain", ylabel="share of brain pixels")
         else:
             values = [values[name] for values in statistics.values()]
-            ax.hist(values, bins=histogram_edges(values), density=True, histtype="step",
+            ax.hist(values, bins=runs.histogram_edges(values), density=True, histtype="step",
                     linewidth=1.5, label=list(statistics))
             ax.set(xlabel=label, ylabel="density")
         ax.set_title(f"{label}: samples {distances[name]:.2f} sd from real")

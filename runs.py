@@ -503,6 +503,16 @@ def code_colours(num_embeddings):
     return palette[np.random.default_rng(CODE_COLOURS_SEED).permutation(num_embeddings)]
 
 
+def histogram_edges(values):
+    """Unit bins centred on the integers for a count (pieces), else equal bins; an undefined
+    (nan) value counts in no bin."""
+    pooled = np.concatenate(values)
+    pooled = pooled[np.isfinite(pooled)]
+    if np.all(pooled == np.round(pooled)):
+        return np.arange(pooled.min() - 0.5, pooled.max() + 1.5)
+    return np.histogram_bin_edges(pooled, bins=20)
+
+
 def save_json(data, path):
     replace_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
 
