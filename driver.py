@@ -92,8 +92,9 @@ def parse_args(argv=None):
 
 class ValidationQuality(keras.callbacks.Callback):
     """After every epoch, the mean SSIM of the validation images and their reconstructions and
-    the codebook's use on them, recorded in the history as val_ssim, val_codebook_perplexity and
-    val_codes_used."""
+    each codebook's use on them, recorded in the history as val_ssim, val_codebook_perplexity
+    and val_codes_used (and, with two levels, val_bottom_codebook_perplexity and
+    val_bottom_codes_used)."""
 
     def __init__(self, images, shift):
         super().__init__()
@@ -103,10 +104,10 @@ class ValidationQuality(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         originals, reconstructed = evaluation.reconstructions(self.model, self.images, self.shift)
         logs["val_ssim"] = evaluation.reconstruction_metrics(originals, reconstructed)["test_ssim"]
-        counts = evaluation.code_counts(data.encode(self.model, self.images)[0],
-                                        self.model.num_embeddings)
-        logs.update({f"val_{name}": value
-                     for name, value in evaluation.codebook_metrics(counts).items()})
+        for level, codes in zip(evaluation.LEVEL_PREFIXES, data.encode(self.model, self.images)):
+            counts = evaluation.code_counts(codes, self.model.num_embeddings)
+            logs.update({f"val_{level}{name}": value
+                         for name, value in evaluation.codebook_metrics(counts).items()})
 
 
 def train_vqvae(splits, settings, checkpoints, strategy):
@@ -339,9 +340,15 @@ def plot_validation_quality(history, num_embeddings, path):
     runs.epoch_axis(ssim_axis)
     if tracks_codebook:
         codebook_axis = codebook_axes[0]
-        codebook_axis.plot(epochs, history["val_codes_used"], marker="o", label="codes used")
-        codebook_axis.plot(epochs, np.array(history["val_codebook_perplexity"]) / num_embeddings,
-                           marker="o", label="perplexity / K")
+        for level, style in zip(evaluation.LEVEL_PREFIXES, ("-", "--")):
+            if f"val_{level}codes_used" not in history:  # one level
+                continue
+            name = level.replace("_", " ")
+            codebook_axis.plot(epochs, history[f"val_{level}codes_used"], style, marker="o",
+                               color="C0", label=f"{name}codes used")
+            codebook_axis.plot(epochs, np.array(history[f"val_{level}codebook_perplexity"])
+                               / num_embeddings, style, marker="o", color="C1",
+                               label=f"{name}perplexity / K")
         codebook_axis.set(title=f"validation codebook use (K = {num_embeddings})",
                           ylabel="share of K", ylim=(0, 1.05))
         runs.epoch_axis(codebook_axis)

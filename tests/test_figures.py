@@ -104,6 +104,21 @@ def test_validation_quality_has_whole_epochs(tmp_path, rng):
         assert ticks and all(float(tick).is_integer() for tick in ticks)
 
 
+def test_validation_quality_draws_each_levels_codebook(tmp_path, rng):
+    one = driver.plot_validation_quality(vq_history(rng), K, tmp_path / "one.png")
+    history = vq_history(rng)
+    history.update(val_bottom_codes_used=list(rng.uniform(0, 1, EPOCHS)),
+                   val_bottom_codebook_perplexity=list(rng.uniform(1, K, EPOCHS)))
+    two = driver.plot_validation_quality(history, K, tmp_path / "two.png")
+    labels = {line.get_label(): line for line in two.axes[1].get_lines()}
+    assert {line.get_label() for line in one.axes[1].get_lines()} == {"codes used",
+                                                                      "perplexity / K"}
+    assert set(labels) == {"codes used", "perplexity / K", "bottom codes used",
+                           "bottom perplexity / K"}
+    np.testing.assert_allclose(labels["bottom perplexity / K"].get_ydata(),
+                               np.array(history["val_bottom_codebook_perplexity"]) / K)
+
+
 def test_code_colours_are_categorical_and_fixed():
     colours = runs.code_colours(K)
     assert colours.shape == (K, 3)

@@ -261,6 +261,11 @@ def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_ru
         assert 0 < metrics["vqvae"][f"{level}codes_used"] <= 1
         assert 0 < metrics["pixelcnn"][f"{level}test_nll_bits"] < 2 * np.log2(K)
     assert len(list((out / "samples").glob("*.png"))) == 10
+    # each codebook's use on the validation slices, after every epoch
+    (epoch,) = json.loads((out / "checkpoints" / "vqvae_history.json").read_text())
+    for level in ("", "bottom_"):
+        assert 0 < epoch[f"val_{level}codes_used"] <= 1
+        assert 1 <= epoch[f"val_{level}codebook_perplexity"] <= K
 
 
 def test_the_bottom_nll_is_the_bottom_priors_on_the_test_codes(two_level_run):
