@@ -199,8 +199,9 @@ def sampler_seed(seed, draw, level):
 
 
 def evaluate(model, priors, splits, draws, codes, heights, settings):
-    """metrics.json's content and the anatomy statistics of the three image sets: real test
-    slices, their reconstructions and the first draw of samples. Each two-sample accuracy of
+    """metrics.json's content, the anatomy statistics of the three image sets (real test
+    slices, their reconstructions and the first draw of samples) and the samples nearest to a
+    training slice, beside it (`evaluation.most_memorised`). Each two-sample accuracy of
     the samples is the mean over the draws; it is printed beside its floors (`print_metrics`).
     A conditional prior's NLL is conditional, and its samples are also compared with the real
     slices at their heights."""
@@ -213,6 +214,7 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
           f"drawn at random with --seed {seed}")
     train_originals, train_reconstructed = evaluation.reconstructions(
         model, data.scaled_batches(train_pixels[subset], shift, settings.data.batch_size), shift)
+    nearest = evaluation.nearest_training_images(sampled.images, train_pixels)
     started = time.perf_counter()
     real, reconstructions, train_real, train_reconstructions, *drawn = (
         evaluation.realism_summary(images) for images in (
@@ -254,7 +256,7 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
                in evaluation.two_sample_metrics(result, name, f"anatomy_{name}").items()},
             "touching_border": float(evaluation.touches_border(sampled.images).mean()),
             "real_touching_border": float(evaluation.touches_border(originals).mean()),
-            **evaluation.memorisation(sampled.images, originals, train_pixels),
+            **evaluation.memorisation(sampled.images, originals, train_pixels, nearest),
             "pairwise_ssim": evaluation.pairwise_ssim(sampled.images, seed),
         },
     }
@@ -265,7 +267,9 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
     statistics = {"real test slices": real["statistics"],
                   "reconstructions": reconstructions["statistics"],
                   "samples": drawn[0]["statistics"]}
-    return metrics, statistics
+    memorised = evaluation.most_memorised(sampled.images, train_pixels, MEMORISATION_SHOWN,
+                                          nearest)
+    return metrics, statistics, memorised
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,9 +513,11 @@ def plot_memorisation(samples, nearest, scores, test_threshold, path):
     return fig
 
 
-def write_figures(model, splits, histories, sampled, codes, statistics, metrics, settings):
+def write_figures(model, splits, histories, sampled, codes, statistics, memorised, metrics,
+                  settings):
     """The figures of a run; `histories` holds the VQ-VAE's and each level's prior's per-epoch
-    logs ({metric: [value per epoch]}, None for checkpoints without a history file)."""
+    logs ({metric: [value per epoch]}, None for checkpoints without a history file), and
+    `memorised` what `evaluate` found of the samples nearest to a training slice."""
     out, shift, num_embeddings = settings.out, settings.data.shift, settings.vqvae.K
     vq_history, *prior_histories = histories
     if vq_history or any(prior_histories):
@@ -539,9 +545,8 @@ def write_figures(model, splits, histories, sampled, codes, statistics, metrics,
     plot_codebook_usage(evaluation.code_counts(codes[0]["test"], num_embeddings),
                         out / "codebook_usage.png")
     plot_realism(statistics, metrics["samples"]["anatomy"], out / "realism.png")
-    plot_memorisation(*evaluation.most_memorised(sampled.images, splits.pixels("train"),
-                                                 MEMORISATION_SHOWN),
-                      metrics["samples"]["test_nn_ssim_p99"], out / "memorisation.png")
+    plot_memorisation(*memorised, metrics["samples"]["test_nn_ssim_p99"],
+                      out / "memorisation.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,12 +597,13 @@ def run(settings):
 
     draws = sample(model, priors, drawn_at, settings)
     runs.save_sample_pngs(draws[0].images, settings.out / "samples", drawn_at)
-    metrics, statistics = evaluate(model, priors, splits, draws, codes, heights, settings)
+    metrics, statistics, memorised = evaluate(model, priors, splits, draws, codes, heights,
+                                              settings)
     runs.save_json(metrics, settings.out / "metrics.json")
     runs.save_json(settings.flat(), settings.out / "run_settings.json")
     write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
                                   for checkpoints in (vq_checkpoints, *prior_checkpoints)],
-                  draws[0], codes, statistics, metrics, settings)
+                  draws[0], codes, statistics, memorised, metrics, settings)
     evaluation.print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")
     models = (vq_checkpoints, *prior_checkpoints)

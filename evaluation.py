@@ -244,16 +244,19 @@ def nearest_training_images(samples, training_pixels):
     return scores[rows, best], candidates[rows, best]
 
 
-def memorisation(samples, test_images, training_pixels):
+def memorisation(samples, test_images, training_pixels, nearest=None):
     """Whether the prior copies its training slices, which would pass every realism test: the
     samples' SSIM to their nearest training slices beside the real test slices' (the floor).
-    Images in [0, 1], training slices as uint8 pixels.
+    Images in [0, 1], training slices as uint8 pixels; `nearest`, the samples'
+    `nearest_training_images` when already found.
 
     Returns nn_ssim and test_nn_ssim (the means), test_nn_ssim_p99 (the test slices'
     MEMORISATION_PERCENTILE) and memorised_share: the share of samples nearer a training slice
     than that, about 1 - MEMORISATION_PERCENTILE / 100 for samples as new as test slices.
     """
-    sample_scores = nearest_neighbour_ssim(samples, training_pixels)
+    if nearest is None:
+        nearest = nearest_training_images(samples, training_pixels)
+    sample_scores = nearest[0]
     test_scores = nearest_neighbour_ssim(test_images, training_pixels)
     threshold = float(np.percentile(test_scores, MEMORISATION_PERCENTILE))
     return {"nn_ssim": float(sample_scores.mean()), "test_nn_ssim": float(test_scores.mean()),
@@ -261,10 +264,13 @@ def memorisation(samples, test_images, training_pixels):
             "memorised_share": float((sample_scores > threshold).mean())}
 
 
-def most_memorised(samples, training_pixels, count):
+def most_memorised(samples, training_pixels, count, nearest=None):
     """The `count` samples nearest to a training slice by SSIM, most similar first: (samples,
-    their nearest training images in [0, 1], the SSIMs)."""
-    scores, nearest = nearest_training_images(samples, training_pixels)
+    their nearest training images in [0, 1], the SSIMs); `nearest`, the samples'
+    `nearest_training_images` when already found."""
+    if nearest is None:
+        nearest = nearest_training_images(samples, training_pixels)
+    scores, nearest = nearest
     shown = np.argsort(-scores)[:count]
     return samples[shown], training_images(training_pixels, nearest[shown]), scores[shown]
 

@@ -243,7 +243,7 @@ class PriorConfig:
 
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices.
 DEFAULT_SAMPLES = 256
-# Three draws, the fewest with a standard deviation that means something.
+# Independent draws of the samples: their spread is how far another draw moves a score.
 DEFAULT_DRAWS = 3
 DATA_FLAGS = "data and training (both models)"
 # Settings' fields that hold the configs of the models, whose fields settings.json keeps.
