@@ -744,6 +744,7 @@ def fit(model, data, validation, epochs, checkpoints, log_dir, callbacks=(), ver
     # Our ProgbarLogger, not the one fit appends last: the estimate then follows the epoch's line.
     progress = ([keras.callbacks.ProgbarLogger(), TrainingTimeEstimate()]
                 if verbose != QUIET else [])
+    vqvae.build_optimizer(model)  # the prior's; a VQ-VAE builds its own
     return model.fit(
         data, validation_data=validation, epochs=epochs, shuffle=False,
         verbose=keras_verbose(verbose),

@@ -558,6 +558,15 @@ def build_discriminator():
     return keras.Model(images, logits, name="discriminator")
 
 
+def build_optimizer(model):
+    """Creates the compiled optimizer's variables before training. Keras otherwise creates them
+    inside the first traced training step, and tf.function then traces the step a second time:
+    half of a small model's start-up."""
+    if model.built and not model.optimizer.built:
+        with model.distribute_strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class VQVAE(keras.Model):
     """Encoder, vector quantizer and decoder, trained on eq. 3 (see `eq3_losses`).
@@ -671,6 +680,10 @@ class VQVAE(keras.Model):
     @property
     def trainable_variables(self):
         return self.without_discriminator(super().trainable_variables)
+
+    def make_train_function(self, force=False):
+        build_optimizer(self)
+        return super().make_train_function(force)
 
     def without_discriminator(self, variables):
         if self.discriminator is None:
