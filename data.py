@@ -27,6 +27,8 @@ SPLIT_FOLDERS = {
     "validate": "keras_png_slices_validate",
     "test": "keras_png_slices_test",
 }
+# --pcnn-mirror's extra training set: the training slices mirrored left-right
+MIRRORED_TRAIN = "train_mirrored"
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 # --demo: the bundled slices with settings that finish on a 2-core CPU in minutes, and a folder
 # of its own; a 64x64 image at the paper's downsampling keeps the seed's 16x16 code grid, one
@@ -221,8 +223,10 @@ def pixel_variance(images, verbose=QUIET):
 
 
 def slice_heights(splits, conditional):
-    """{split: each image's relative height} for a prior conditioned on it, else {split: None}."""
-    return {split: splits.heights(split) if conditional else None for split in SPLIT_FOLDERS}
+    """{split: each image's relative height} for a prior conditioned on it, else {split: None};
+    the mirrored training slices are at the training slices' heights."""
+    heights = {split: splits.heights(split) if conditional else None for split in SPLIT_FOLDERS}
+    return heights | {MIRRORED_TRAIN: heights["train"]}
 
 
 def encode(model, images, progress=None):
@@ -237,17 +241,28 @@ def encode(model, images, progress=None):
     return [np.concatenate(level) for level in zip(*batches)]
 
 
-def code_maps(model, splits, verbose):
+def code_maps(model, splits, verbose, mirrored=False):
     """[{split: its code maps (N, h, w)} per code level, top first], with one progress bar over
-    every split's batches."""
-    if verbose != QUIET:
-        print(f"Encoding the {', '.join(SPLIT_FOLDERS)} images to code maps")
+    every split's batches; `mirrored` adds MIRRORED_TRAIN, the code maps of the training images
+    mirrored left-right (as the encoder codes them: its codes are not mirror-symmetric)."""
     batches = {split: splits.scaled(split) for split in SPLIT_FOLDERS}
+    if mirrored:
+        batches[MIRRORED_TRAIN] = batches["train"].map(tf.image.flip_left_right)
+    if verbose != QUIET:
+        print(f"Encoding the {', '.join(batches)} images to code maps")
     progress = progress_bar(sum(int(b.cardinality()) for b in batches.values()), verbose,
                             unit="batch")
     encoded = {split: encode(model, images, progress) for split, images in batches.items()}
     return [{split: levels[level] for split, levels in encoded.items()}
             for level in range(model.levels)]
+
+
+def joined(per_split, splits):
+    """The arrays of `splits` in per_split ({split: array or None}, or None), one after another;
+    None where there are none (a prior's absent condition)."""
+    if per_split is None or per_split[splits[0]] is None:
+        return None
+    return np.concatenate([per_split[split] for split in splits])
 
 
 def code_dataset(codes, heights, batch_size, seed=None, top=None):

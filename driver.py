@@ -129,21 +129,24 @@ def train_prior(codes, heights, top, settings, checkpoints, strategy):
     """A prior, trained on the training split's code maps (and, when conditional, their
     heights; for VQ-VAE-2's bottom level, the `top` level's code maps), validated on the
     validation split's."""
-    given, config, train_codes = settings.data, settings.prior, codes["train"]
+    given, config = settings.data, settings.prior
+    training = ("train", data.MIRRORED_TRAIN) if config.pcnn_mirror else ("train",)
+    train_codes, train_heights, train_top = (data.joined(arrays, training)
+                                             for arrays in (codes, heights, top))
     given_top = "" if top is None else ", given the top codes"
+    mirrored = " (the training slices and their mirror images)" if config.pcnn_mirror else ""
     print(f"Training the {config.pcnn_type} PixelCNN (condition: {config.condition}{given_top}) "
           f"for {config.pcnn_epochs} epochs on {len(train_codes)} code maps of "
-          f"{train_codes.shape[1]}x{train_codes.shape[2]}")
+          f"{train_codes.shape[1]}x{train_codes.shape[2]}{mirrored}")
     with strategy.scope():
         prior = config.build(settings.vqvae.K, train_codes.shape[1:],
-                             None if top is None else top["train"].shape[1:])
+                             None if top is None else train_top.shape[1:])
         prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    split_top = {split: None if top is None else top[split] for split in ("train", "validate")}
-    runs.fit(prior, data.code_dataset(train_codes, heights["train"], given.batch_size, given.seed,
-                                      split_top["train"]),
+    runs.fit(prior, data.code_dataset(train_codes, train_heights, given.batch_size, given.seed,
+                                      train_top),
              data.code_dataset(codes["validate"], heights["validate"], given.batch_size,
-                               top=split_top["validate"]),
+                               top=data.joined(top, ("validate",))),
              config.pcnn_epochs, checkpoints, settings.out / "logs" / checkpoints.keras_file.stem,
              verbose=settings.verbose)
     return prior
@@ -584,7 +587,8 @@ def run(settings):
         runs.save_model(train_vqvae(splits, settings, vq_checkpoints, strategy),
                         vq_checkpoints.keras_file)
     model = runs.load_finished("VQ-VAE", vq_checkpoints)
-    codes = data.code_maps(model, splits, settings.verbose)  # per level, top first
+    codes = data.code_maps(model, splits, settings.verbose,  # per level, top first
+                           mirrored=prior_config.pcnn_mirror and any(train_priors))
     priors = []
     for level, checkpoints in enumerate(prior_checkpoints):
         top = codes[level - 1] if level else None

@@ -38,8 +38,9 @@ REPOSITORY = Path(__file__).resolve().parent
 PIXEL_MAX = 255.0
 SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
-LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "levels": 1,
-                   "reconstruction": "mse", "spectral_weight": 0.0, "adversarial_weight": 0.0,
+LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "pcnn_mirror": False,
+                   "levels": 1, "reconstruction": "mse", "spectral_weight": 0.0,
+                   "adversarial_weight": 0.0,
                    "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START,
                    "discriminator_learning_rate": vqvae.PIX2PIX_LEARNING_RATE}
 # tf.image.ssim's Gaussian window is 11 pixels wide, and the code grid is smaller still.
@@ -212,6 +213,11 @@ class PriorConfig:
                                   "name (slice_<n>; section 2.3 of the PixelCNN paper), gated "
                                   "prior only (default: slice for the gated prior, none for the "
                                   "plain one)")
+    pcnn_mirror: bool = setting(
+        False, action=argparse.BooleanOptionalAction,
+        help="the priors also learn from the training slices mirrored left-right (their code "
+             "maps as the VQ-VAE encodes the mirror images, at the same heights): brains are "
+             "nearly symmetric, and it doubles a small training set")
     pcnn_positions: str = setting(None, choices=("none", "learned"),
                                   help="learned: each code's embedding is added to a learned "
                                        "embedding of its row and column, so that the prior knows "

@@ -223,23 +223,27 @@ def test_mirrored_step_matches_single_device_step(hierarchy_one_step_both_ways):
 
 def start_two_level_run(root):
     """A tiny two-level run: 32x32 slices of two heights, top 4x4 and bottom 8x8 codes, both
-    priors conditioned on the height and the bottom one on the top codes; its metrics.json
-    copied to "trained_metrics", then the same command with --evaluate."""
+    priors conditioned on the height and the bottom one on the top codes, and trained on the
+    mirrored slices too; its metrics.json copied to "trained_metrics" and what it printed to
+    "trained_output", then the same command with --evaluate."""
     data = write_split_folders(root / "data", slices_per_case=2)
     out, trained_metrics = root / "out", root / "trained_metrics.json"
+    trained_output = root / "trained_output.txt"
     args = ["--data", data, "--out", out, "--image-size", SIZE, "--downsample", DOWNSAMPLE,
-            "--levels", "2", *TINY_MODELS, "--num-samples", "10", "--verbose", "0"]
+            "--levels", "2", "--pcnn-mirror", *TINY_MODELS, "--num-samples", "10",
+            "--verbose", "0"]
 
     def train_then_evaluate(processes):
         processes.append(run := driver_process(*args))
         trained = run.result()
         assert trained.returncode == 0, trained.stderr[-3000:]
         shutil.copy(out / "metrics.json", trained_metrics)
+        trained_output.write_text(trained.stdout)
         processes.append(evaluation := driver_process(*args, "--evaluate"))
         return evaluation.result()
 
     return {"data": data, "out": out, "trained_metrics": trained_metrics,
-            "process": Scenario(train_then_evaluate)}
+            "trained_output": trained_output, "process": Scenario(train_then_evaluate)}
 
 
 BACKGROUND_RUNS["two_level_run"] = start_two_level_run
@@ -266,6 +270,37 @@ def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_ru
     for level in ("", "bottom_"):
         assert 0 < epoch[f"val_{level}codes_used"] <= 1
         assert 1 <= epoch[f"val_{level}codebook_perplexity"] <= K
+
+
+def test_both_priors_learn_from_the_slices_and_their_mirror_images(two_level_run):
+    import data
+
+    training_slices = len(data.split_images(two_level_run["data"] / data.SPLIT_FOLDERS["train"]))
+    printed = two_level_run["trained_output"].read_text()
+    for grid in ("4x4", "8x8"):
+        assert (f"on {2 * training_slices} code maps of {grid} (the training slices and their "
+                "mirror images)") in printed, printed
+
+
+def test_mirrored_code_maps_are_the_codes_of_the_mirror_images():
+    """Each level's: the encoder's codes of the mirrored images, which are not the codes of the
+    images mirrored (a convolution's weights are not symmetric), so they add maps to learn."""
+    import data
+    import runs
+    import tensorflow as tf
+
+    model = two_level()
+    shift = -PIXEL_RANGE[0]
+    pixels = np.round((IMAGES + shift) * data.PIXEL_MAX).astype("uint8")
+    images = tf.data.Dataset.from_tensor_slices(pixels)
+    splits = data.Splits(images, images, images, shift, batch_size=3, file_paths={})
+    codes = data.code_maps(model, splits, runs.QUIET, mirrored=True)
+    mirror_images = pixels[:, :, ::-1].astype("float32") / data.PIXEL_MAX - shift
+    for level, expected in zip(codes, model.encode_to_indices(mirror_images)):
+        np.testing.assert_array_equal(level[data.MIRRORED_TRAIN], expected)
+        assert not np.array_equal(level[data.MIRRORED_TRAIN], level["train"][:, :, ::-1])
+    assert all(data.MIRRORED_TRAIN not in level
+               for level in data.code_maps(model, splits, runs.QUIET))
 
 
 def test_the_bottom_nll_is_the_bottom_priors_on_the_test_codes(two_level_run):
