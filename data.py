@@ -249,7 +249,8 @@ def code_maps(model, splits, verbose, mirrored=False):
     if mirrored:
         batches[MIRRORED_TRAIN] = batches["train"].map(tf.image.flip_left_right)
     if verbose != QUIET:
-        print(f"Encoding the {', '.join(batches)} images to code maps")
+        also = " and the training images mirrored" if mirrored else ""
+        print(f"Encoding the {', '.join(SPLIT_FOLDERS)} images{also} to code maps")
     progress = progress_bar(sum(int(b.cardinality()) for b in batches.values()), verbose,
                             unit="batch")
     encoded = {split: encode(model, images, progress) for split, images in batches.items()}
