@@ -10,15 +10,19 @@ at its defaults (K=512, D=2, beta=1.5, batch 32, 256x256) and at the demo settin
 measurement runs in its own subprocess, so the peak memory of one is not inherited by the next:
 
 - throughput: images/s (VQ-VAE) and code maps/s (PixelCNN) of `fit` on random in-memory batches,
-  timed after one warm-up step that traces the graph;
+  timed after one warm-up step that traces the graph; ours is built from runs.py's configs as
+  driver.py builds it, so a setting with two code levels (the 256x256 default) trains VQ-VAE-2,
+  whose bottom prior, given random top code maps, is measured too (ours alone: the seed has one
+  level);
 - peak memory: growth of the process's peak RSS from just before the model is built;
 - quality per time: validation SSIM and PSNR of a VQ-VAE trained for the same wall-clock budget
   on --data (240 s at 256x256, 120 s at the demo's 64x64), its SSIM recorded along the way
   (the clock paused meanwhile), so the table shows the check by which each reaches the seed's
   final SSIM; at 256x256 the seed's VQ-VAE also races with our optimiser settings, which tells
   the architectures' share of the lead from the optimiser's;
-- a projection of a full default run (VQ-VAE and prior, driver.py's default epochs) on
-  OASIS_SLICES slices from the measured throughput;
+- a projection of a full default run (the VQ-VAE and each level's prior, driver.py's default
+  epochs, the priors' on twice the maps with --pcnn-mirror) on OASIS_SLICES slices from the
+  measured throughput;
 - whether issue #17's targets are met, judged within this one run.
 """
 
@@ -47,7 +51,6 @@ from keras import layers, ops  # noqa: E402
 import data  # noqa: E402
 import evaluation  # noqa: E402
 import runs  # noqa: E402
-import vqvae  # noqa: E402
 
 SEED = 0
 MODELS = ("seed", "ours")
@@ -81,14 +84,18 @@ class Setting:
 DEFAULTS = Setting(runs.DataConfig(), runs.VQVAEConfig(), runs.PriorConfig())
 # The settings of driver.py's runs compared; the seed takes SEED_DEFAULTS at 256x256 and the
 # demo's K, D, batch size and learning rates at the demo size, so that both models do the same
-# task.
-SETTINGS = {"defaults": DEFAULTS, "demo": DEFAULTS.replace(**data.DEMO_DEFAULTS)}
-SEED_DEFAULTS = dict(image_size=256, downsample=4, K=512, D=2, beta=1.5, batch_size=32,
-                     learning_rate=2e-4, pcnn_learning_rate=3e-4)
+# task. --demo's defaults also name its output folder, which is no model's setting.
+SETTINGS = {"defaults": DEFAULTS, "demo": DEFAULTS.replace(**{
+    name: value for name, value in data.DEMO_DEFAULTS.items() if name != "out"})}
+SEED_DEFAULTS = dict(image_size=256, downsample=4, levels=1, K=512, D=2, beta=1.5, batch_size=32,
+                     learning_rate=2e-4, pcnn_learning_rate=3e-4, pcnn_mirror=False)
 # The keras.io PixelCNN: 128 filters, 2 residual blocks, 2 masked 1x1 layers, at any K.
 SEED_PIXELCNN_FILTERS = 128
 SEED_PIXELCNN_BLOCKS = 2
 SEED_PIXELCNN_LAYERS = 2
+# The throughput kinds that both models run; ours alone runs BOTTOM_PRIOR, VQ-VAE-2's bottom prior.
+COMPARED_KINDS = ("vqvae", "pixelcnn")
+BOTTOM_PRIOR = "bottom pixelcnn"
 # Distinct random batches cycled through by the throughput runs.
 DATA_BATCHES = 4
 # Enough epochs or steps that only a StopAfter callback ends training.
@@ -99,6 +106,8 @@ QUICK_BUDGET_SECONDS = 10.0
 QUALITY_CHECKS = 12
 # The OASIS training split's slice count, for the projection of a full default run.
 OASIS_SLICES = 9664
+# With --pcnn-mirror the priors train on each training slice's code maps and its mirror image's.
+MIRRORED_MAPS_PER_SLICE = 2
 SECONDS_PER_HOUR = 3600
 # Issue #17's targets (and #14's for the prior), each judged within one run.
 TARGET_TIME_TO_SEED_SSIM = 0.5  # of the 256x256 budget
@@ -391,11 +400,9 @@ def compiled_vqvae(model_name, settings, variance):
     if model_name in ("seed", SEED_OUR_OPTIMISER):
         model = SeedVQVAETrainer(variance, vq.K, vq.D, vq.beta, given.image_size)
     else:
-        quantizer = "loss" if model_name == LOSS_QUANTIZER else vq.quantizer
-        model = vqvae.VQVAE(vq.K, vq.D, beta=vq.beta, data_variance=variance,
-                            pixel_range=(-given.shift, 1.0 - given.shift),
-                            downsample=vq.downsample, quantizer=quantizer,
-                            ema_decay=vq.ema_decay, restart_threshold=vq.restart_threshold)
+        if model_name == LOSS_QUANTIZER:
+            vq = dataclasses.replace(vq, quantizer="loss")
+        model = vq.build((-given.shift, 1.0 - given.shift), variance)
     model.compile(optimizer=keras.optimizers.Adam(vq.learning_rate))
     return model
 
@@ -405,14 +412,22 @@ def reconstructor(model):
     return model.vqvae if isinstance(model, SeedVQVAETrainer) else model
 
 
-def compiled_prior(model_name, settings):
-    """The seed's prior, or ours unconditional: the code maps are random, without heights."""
-    grid = settings.data.image_size // settings.vqvae.downsample
+def code_grids(settings):
+    """Sides of the setting's code maps, top level first, as its VQ-VAE's `code_grids` gives
+    them: VQ-VAE-2's bottom grid is twice as fine as the top's."""
+    top = settings.data.image_size // settings.vqvae.downsample
+    return (top,) if settings.vqvae.levels == 1 else (top, 2 * top)
+
+
+def compiled_prior(model_name, settings, grid, top_grid=None):
+    """The seed's prior, or ours unconditional (the code maps are random, without heights), over
+    grid x grid code maps; with top_grid, ours as VQ-VAE-2's bottom prior, given top code maps
+    of top_grid x top_grid."""
     if model_name == "seed":
         prior = seed_pixelcnn(settings.vqvae.K, grid)
     else:
-        prior = dataclasses.replace(settings.prior, condition="none").build(settings.vqvae.K,
-                                                                            (grid, grid))
+        prior = dataclasses.replace(settings.prior, condition="none").build(
+            settings.vqvae.K, (grid, grid), None if top_grid is None else (top_grid, top_grid))
     prior.compile(optimizer=keras.optimizers.Adam(settings.prior.pcnn_learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return prior
@@ -432,14 +447,26 @@ def vqvae_job(model_name, settings, rng):
     return compiled_vqvae(model_name, settings, float(images.var())), cycled(images)
 
 
+def random_code_maps(settings, grid, rng):
+    return rng.integers(0, settings.vqvae.K, (DATA_BATCHES, settings.data.batch_size, grid, grid),
+                        dtype="int32")
+
+
 def pixelcnn_job(model_name, settings, rng):
-    grid = settings.data.image_size // settings.vqvae.downsample
-    codes = rng.integers(0, settings.vqvae.K, (DATA_BATCHES, settings.data.batch_size, grid, grid),
-                         dtype="int32")
-    return compiled_prior(model_name, settings), cycled((codes, codes))
+    grid = code_grids(settings)[0]
+    codes = random_code_maps(settings, grid, rng)
+    return compiled_prior(model_name, settings, grid), cycled((codes, codes))
 
 
-THROUGHPUT_JOBS = {"vqvae": vqvae_job, "pixelcnn": pixelcnn_job}
+def bottom_prior_job(model_name, settings, rng):
+    """VQ-VAE-2's bottom prior on random bottom code maps, given random top ones: the inputs in
+    data.code_dataset's order."""
+    top_grid, grid = code_grids(settings)
+    codes, top = (random_code_maps(settings, side, rng) for side in (grid, top_grid))
+    return compiled_prior(model_name, settings, grid, top_grid), cycled(((codes, top), codes))
+
+
+THROUGHPUT_JOBS = {"vqvae": vqvae_job, "pixelcnn": pixelcnn_job, BOTTOM_PRIOR: bottom_prior_job}
 
 
 def peak_rss_mib():
@@ -547,7 +574,7 @@ def run_in_subprocess(job):
 
 def all_jobs(args):
     if "throughput" in args.parts:
-        for kind in THROUGHPUT_JOBS:
+        for kind in COMPARED_KINDS:
             for setting in SETTINGS:
                 for model_name in MODELS:
                     yield dict(kind=kind, setting=setting, model=model_name,
@@ -555,6 +582,9 @@ def all_jobs(args):
         for setting in SETTINGS:
             yield dict(kind="vqvae", setting=setting, model=LOSS_QUANTIZER,
                        seconds=args.timed_seconds)
+            if BOTTOM_PRIOR in prior_kinds(model_settings(setting, "ours")):
+                yield dict(kind=BOTTOM_PRIOR, setting=setting, model="ours",
+                           seconds=args.timed_seconds)
     if "quality" in args.parts:
         for setting in SETTINGS:
             for model_name in MODELS:
@@ -624,23 +654,45 @@ def same_optimiser_lines(results, args):
            f"ours' final SSIM {reached_words(reached)}")
 
 
+def prior_kinds(settings):
+    """The throughput kind of each of the setting's priors, top level first."""
+    return ("pixelcnn", BOTTOM_PRIOR)[:settings.vqvae.levels]
+
+
 def full_run_hours(results, model_name):
-    """Hours of training of a full default run on OASIS_SLICES slices at the measured speeds."""
+    """Hours of training of a full default run on OASIS_SLICES slices at the measured speeds:
+    the VQ-VAE's epochs, then each prior's, on twice the maps with --pcnn-mirror."""
     settings = model_settings("defaults", model_name)
-    seconds = OASIS_SLICES * (settings.vqvae.epochs
-                              / results["vqvae", "defaults", model_name]["per_second"]
-                              + settings.prior.pcnn_epochs
-                              / results["pixelcnn", "defaults", model_name]["per_second"])
+    prior_epochs = settings.prior.pcnn_epochs * (MIRRORED_MAPS_PER_SLICE
+                                                 if settings.prior.pcnn_mirror else 1)
+    seconds = OASIS_SLICES * (
+        settings.vqvae.epochs / results["vqvae", "defaults", model_name]["per_second"]
+        + sum(prior_epochs / results[kind, "defaults", model_name]["per_second"]
+              for kind in prior_kinds(settings)))
     return seconds / SECONDS_PER_HOUR
 
 
 def projection_lines(results):
     for model_name in MODELS:
         settings = model_settings("defaults", model_name)
+        priors = ("prior",) if settings.vqvae.levels == 1 else ("top prior", "bottom prior")
+        parts = [f"{settings.vqvae.epochs} VQ-VAE epochs",
+                 *(f"{settings.prior.pcnn_epochs} {prior} epochs" for prior in priors)]
+        mirrored = ", the priors' on mirrored maps too" if settings.prior.pcnn_mirror else ""
         yield (f"projected full default run on {OASIS_SLICES:,} slices, {model_name}: "
-               f"{full_run_hours(results, model_name):.1f} h ({settings.vqvae.epochs} VQ-VAE "
-               f"epochs + {settings.prior.pcnn_epochs} prior epochs at the measured 256x256 "
-               "speeds)")
+               f"{full_run_hours(results, model_name):.1f} h ({' + '.join(parts)}{mirrored} at "
+               "the measured 256x256 speeds)")
+
+
+def bottom_prior_lines(results):
+    """Our bottom prior's speed and memory, outside the table: the seed has no bottom level."""
+    for setting in SETTINGS:
+        if (BOTTOM_PRIOR, setting, "ours") in results:
+            top_grid, grid = code_grids(model_settings(setting, "ours"))
+            result = results[BOTTOM_PRIOR, setting, "ours"]
+            yield (f"bottom PixelCNN training ({grid}x{grid} given {top_grid}x{top_grid} top "
+                   f"codes), {setting_label(setting)}, ours: {result['per_second']:.2f} maps/s, "
+                   f"peak RSS growth {result['memory_mib']:.0f} MiB")
 
 
 def targets(results, args):
@@ -732,12 +784,15 @@ def settings_lines():
     for setting in SETTINGS:
         seed, ours = (model_settings(setting, m) for m in MODELS)
         prior = ours.prior
+        levels = "one code level" if ours.vqvae.levels == 1 else \
+            f"{ours.vqvae.levels} code levels, each with its own codebook and prior"
         lines.append(
             f"{setting_label(setting)}: seed K={seed.vqvae.K} D={seed.vqvae.D} batch "
             f"{seed.data.batch_size}, keras.io PixelCNN ({SEED_PIXELCNN_FILTERS} filters, "
-            f"{SEED_PIXELCNN_BLOCKS} residual blocks); ours K={ours.vqvae.K} D={ours.vqvae.D} "
-            f"batch {ours.data.batch_size}, {prior.pcnn_type} PixelCNN ({prior.pcnn_filters} "
-            f"filters, {prior.pcnn_res_blocks} blocks, {prior.pcnn_layers} output layers)"
+            f"{SEED_PIXELCNN_BLOCKS} residual blocks); ours {levels}, K={ours.vqvae.K} "
+            f"D={ours.vqvae.D} batch {ours.data.batch_size}, {prior.pcnn_type} PixelCNN "
+            f"({prior.pcnn_filters} filters, {prior.pcnn_res_blocks} blocks, "
+            f"{prior.pcnn_layers} output layers)"
         )
     return lines
 
@@ -789,7 +844,8 @@ def report_table(args, gflops_before):
                for job in all_jobs(args)}
     print(machine_line(gflops_before))
     print("\n".join(table_lines(list(rows(results)), args.markdown)))
-    print("\n".join([*quantizer_lines(results), *time_to_quality_lines(results, args),
+    print("\n".join([*bottom_prior_lines(results), *quantizer_lines(results),
+                     *time_to_quality_lines(results, args),
                      *same_optimiser_lines(results, args)]))
     if ("vqvae", "defaults", "seed") in results:
         print("\n".join(projection_lines(results)))
