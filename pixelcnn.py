@@ -1112,7 +1112,6 @@ def code_sampler(prior, grid_shape, rows_done=None):
     is_gated = any(layer.name == "vertical_stack" for layer in prior.layers)
     steps = (_GatedSteps if is_gated else _WindowedSteps)(prior, grid_shape)
 
-    @tf.function
     def sample_all(num_samples, temperature, seed, heights, top_codes):
         codes = tf.zeros((num_samples, height, width), tf.int32)
         conditions = steps.conditions(heights, top_codes)
@@ -1129,6 +1128,11 @@ def code_sampler(prior, grid_shape, rows_done=None):
                 with tf.control_dependencies([codes]):  # once the row's codes are drawn
                     tf.py_function(lambda done: rows_done(int(done)), [row + 1], [])
         return codes
+
+    # AutoGraph turns the loops over tf.range into graph loops. The functions they call are
+    # plain Python over tensors: left unconverted, they trace in a fraction of the time.
+    sample_all = tf.function(tf.autograph.to_graph(sample_all, recursive=False),
+                             autograph=False)
 
     def sample(num_samples, temperature=1.0, seed=0, heights=None, top_codes=None):
         check_heights(prior, heights)
