@@ -4,11 +4,13 @@ read, started in the background; small models and images that several test files
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -261,22 +263,62 @@ def start_demo_run(root):
         "--demo", "--data", demo, "--out", out, *TINY_MODELS, "--slice", f"0,{top_slice}")}
 
 
+# One step under MirroredStrategy on two logical CPU devices against one step on one device: the
+# checks that test modules register (mirrored_step_check) run in one background process, which
+# splits the CPU before TensorFlow starts and creates the one strategy that a process can have
+# (a second reuses the first's collective op keys). Each check is the body of a function of
+# `strategy` that imports what it needs and returns JSON-able results; it fails on its own.
+MIRRORED_STEP_CHECKS = {}
+MIRRORED_STEPS_PRELUDE = textwrap.dedent("""
+    import json
+    import traceback
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    outcomes = {}
+""")
+MIRRORED_STEPS_RUN = textwrap.dedent("""
+    try:
+        outcomes[{name!r}] = {{"returned": check(strategy)}}
+    except Exception:
+        outcomes[{name!r}] = {{"raised": traceback.format_exc()}}
+""")
+
+
+def mirrored_steps_script():
+    """The registered checks as one script, which prints {name: outcome} as JSON."""
+    parts = [MIRRORED_STEPS_PRELUDE]
+    for name, body in MIRRORED_STEP_CHECKS.items():
+        parts += ["def check(strategy):\n" + textwrap.indent(textwrap.dedent(body), "    "),
+                  MIRRORED_STEPS_RUN.format(name=name)]
+    return "\n".join(parts + ["print(json.dumps(outcomes))"])
+
+
+def mirrored_step_check(name, body):
+    """Registers the check `name` and returns a fixture, for a test module to assign to a
+    module-level name, that gives what the check returned."""
+    MIRRORED_STEP_CHECKS[name] = body
+
+    @pytest.fixture
+    def returned(mirrored_steps):
+        result = mirrored_steps
+        assert result.returncode == 0, result.stderr[-3000:]
+        outcome = json.loads(result.stdout.strip().splitlines()[-1])[name]
+        assert "raised" not in outcome, outcome.get("raised")
+        return outcome["returned"]
+
+    return returned
+
+
 # fixture name -> start(root): a dict of the run's folders and its "process" (with result(),
 # live() and stop()); a test module adds the runs that only its tests read
 BACKGROUND_RUNS = {"tiny_run": lambda root: start_tiny_run(root, "--verbose", "0"),
                    "tiny_rerun": start_tiny_run, "mirrored_run": start_mirrored_run,
-                   "demo_run": start_demo_run}
-def background_script(name, script):
-    """Registers `python -c script` as the background run `name`, and returns the fixture of
-    that name, which gives the finished process's result; a test module assigns it to a
-    module-level name for pytest to find."""
-    BACKGROUND_RUNS[name] = lambda root: {"process": PythonProcess("-c", script)}
-
-    @pytest.fixture(name=name)
-    def finished(background_runs):
-        return background_runs.finished(name)["result"]
-
-    return finished
+                   "demo_run": start_demo_run,
+                   "mirrored_steps": lambda root: {"process": PythonProcess(
+                       "-c", mirrored_steps_script())}}
 
 
 # Background processes at a time: the tests in this process, mostly single-threaded, leave about
@@ -356,6 +398,12 @@ def tiny_run(background_runs):
 def tiny_rerun(background_runs):
     """The tiny run again, in another process and at the default --verbose."""
     return succeeded(background_runs.finished("tiny_rerun"))
+
+
+@pytest.fixture(scope="session")
+def mirrored_steps(background_runs):
+    """The finished process of the registered mirrored-step checks (mirrored_step_check)."""
+    return background_runs.finished("mirrored_steps")["result"]
 
 
 @pytest.fixture(scope="session")

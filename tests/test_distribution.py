@@ -4,8 +4,6 @@ statistics and restarts included (in a process of its own, which splits the CPU 
 TensorFlow starts); and under mixed_float16."""
 
 import contextlib
-import json
-import textwrap
 
 import keras
 import numpy as np
@@ -13,15 +11,13 @@ import pytest
 
 import pixelcnn
 import vqvae
-from conftest import background_script
+from conftest import mirrored_step_check
 
-# Prints, as JSON, how far one step moved the weights and how far the two ways differ.
-ONE_STEP_BOTH_WAYS = textwrap.dedent("""
-    import json
+# A check of conftest.mirrored_step_check: how far one step moved the weights and how far the
+# two ways differ.
+ONE_STEP_BOTH_WAYS = """
     import numpy as np
     import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import pixelcnn
     import vqvae
@@ -47,9 +43,6 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
         codes = rng.integers(0, 8, (4, 5, 5)).astype("int32")
         return codes, codes
 
-    # one strategy for both: a second one in the same process reuses collective op keys
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert strategy.num_replicas_in_sync == 2
     results = {}
     for kind in ("vqvae", "vqvae_ema", "pixelcnn"):
         keras.utils.set_random_seed(0)
@@ -94,17 +87,15 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
             results["outside_run"] = "updated"
         except RuntimeError as error:
             results["outside_run"] = str(error)
-    print(json.dumps(results))
-""")
+    return results
+"""
 
 
-one_step_both_ways = background_script("one_step_both_ways", ONE_STEP_BOTH_WAYS)
+one_step_both_ways = mirrored_step_check("distribution", ONE_STEP_BOTH_WAYS)
 
 
 def test_mirrored_step_matches_single_device_step(one_step_both_ways):
-    result = one_step_both_ways
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = one_step_both_ways
     # every replica sees the global batch, its rows in replica order
     rows = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
     assert results.pop("global_batch") == [[rows, rows], [[0.0, 2.0, 4.0, 6.0]] * 2]

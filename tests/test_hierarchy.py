@@ -3,7 +3,6 @@ serialization and one step under tf.distribute, on 32x32 images with top 4x4 and
 
 import json
 import shutil
-import textwrap
 
 import keras
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 import vqvae
 from conftest import (BACKGROUND_RUNS, PIXEL_RANGE, TINY_MODELS, Scenario, assert_round_trip,
-                      background_script, driver_process, smooth_blobs, succeeded,
+                      driver_process, mirrored_step_check, smooth_blobs, succeeded,
                       write_split_folders)
 
 K, D, DOWNSAMPLE, SIZE = 16, 4, 8, 32
@@ -154,13 +153,10 @@ def test_save_load_round_trip_keeps_both_codebooks(tmp_path):
             np.testing.assert_array_equal(value, state[name], err_msg=name)
 
 
-# Prints, as JSON, how far one step moved the weights and how far the two ways differ.
-ONE_STEP_BOTH_WAYS = textwrap.dedent("""
-    import json
+# A check of conftest.mirrored_step_check: how far one step moved the weights and how far the
+# two ways differ.
+ONE_STEP_BOTH_WAYS = """
     import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import vqvae
 
@@ -174,8 +170,6 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
         return model
 
     x = np.random.default_rng(1).uniform(-0.5, 0.5, (4, 32, 32, 1)).astype("float32")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert strategy.num_replicas_in_sync == 2
     results = {}
     # the EMA kind: both levels' codebook updates aggregate across replicas; the "loss" kind's
     # codebook gradients are reduced like any other weight's (tests/test_distribution.py)
@@ -197,20 +191,17 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
             results[quantizer]["updates"] = [
                 [int(model.top_quantizer.updates.numpy()), int(model.quantizer.updates.numpy())]
                 for model in (single, mirrored)]
-    print(json.dumps(results))
-""")
+    return results
+"""
 
 
-hierarchy_one_step_both_ways = background_script("hierarchy_one_step_both_ways",
-                                                 ONE_STEP_BOTH_WAYS)
+hierarchy_one_step_both_ways = mirrored_step_check("hierarchy", ONE_STEP_BOTH_WAYS)
 
 
 def test_mirrored_step_matches_single_device_step(hierarchy_one_step_both_ways):
-    """In a process of its own, which splits the CPU before TensorFlow starts; the weights
-    compared include both EMA codebooks and their statistics."""
-    result = hierarchy_one_step_both_ways
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    """In the mirrored-step checks' process, which splits the CPU before TensorFlow starts; the
+    weights compared include both EMA codebooks and their statistics."""
+    results = hierarchy_one_step_both_ways
     for quantizer, result in results.items():
         assert result["moved"] > 1e-3, (quantizer, result)
         assert result["gap"] < 1e-5 * max(1.0, result["moved"]), (quantizer, result)

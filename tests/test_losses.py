@@ -3,14 +3,12 @@ loss) and VQGAN's patch discriminator (hinge losses, start step, adaptive weight
 weights and optimizer saved, loaded and resumed, and one step under tf.distribute; on 32x32
 images."""
 
-import json
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import PIXEL_RANGE, background_script, smooth_blobs
+from conftest import PIXEL_RANGE, mirrored_step_check, smooth_blobs
 
 import vqvae
 
@@ -409,14 +407,11 @@ def test_config_round_trip():
 # Under tf.distribute
 
 # One step of a model with a discriminator and the spectral loss, on two logical CPU devices and
-# on one (MS-SSIM, a mean over each replica's images as MSE is, would only slow it); prints, as
-# JSON, how far the step moved each model's weights and how far the two ways differ.
-ONE_STEP_BOTH_WAYS = textwrap.dedent("""
-    import json
+# on one (MS-SSIM, a mean over each replica's images as MSE is, would only slow it), a check of
+# conftest.mirrored_step_check: how far the step moved each model's weights and how far the two
+# ways differ.
+ONE_STEP_BOTH_WAYS = """
     import numpy as np
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     import vqvae
 
@@ -435,7 +430,6 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
         return float(max(np.abs(np.array(a) - b).max() for a, b in zip(weights, initial)))
 
     x = np.random.default_rng(1).uniform(-0.5, 0.5, (4, 32, 32, 1)).astype("float32")
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     keras.utils.set_random_seed(0)
     single = build()
     initial = single.get_weights()
@@ -446,25 +440,22 @@ ONE_STEP_BOTH_WAYS = textwrap.dedent("""
         mirrored = build()
     mirrored.set_weights(initial)
     mirrored_logs = mirrored.fit(x, batch_size=4, epochs=1, shuffle=False, verbose=0).history
-    print(json.dumps({
+    return {
         "replicas": strategy.num_replicas_in_sync,
         "moved": [moved(weights, start) for weights, start in zip(
             (single.trainable_weights, single.discriminator.weights), initial_parts)],
         "gap": moved(state(mirrored), state(single)),
         "logs": [logs, mirrored_logs],
-    }))
-""")
+    }
+"""
 
 
-losses_one_step_both_ways = background_script("losses_one_step_both_ways",
-                                              ONE_STEP_BOTH_WAYS)
+losses_one_step_both_ways = mirrored_step_check("losses", ONE_STEP_BOTH_WAYS)
 
 
 def test_mirrored_step_matches_single_device_step(losses_one_step_both_ways):
     """The adaptive weight, both hinge losses and both optimizers' steps on the global batch."""
-    result = losses_one_step_both_ways
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = losses_one_step_both_ways
     assert results["replicas"] == 2
     assert min(results["moved"]) > 1e-3, results  # both the autoencoder and the discriminator
     assert results["gap"] < 1e-5 * max(1.0, *results["moved"]), results
