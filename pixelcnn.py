@@ -387,20 +387,28 @@ def block_dilations(residual_blocks, dilation_cycle):
     return [2 ** (block % dilation_cycle) for block in range(residual_blocks)]
 
 
-def plain_residual_block(x, filters, dilation, name):
+def dropped(x, rate, name):
+    """Dropout of rate (none at 0) on a block's activations before its last 1x1 convolutions,
+    where PixelCNN++ (Salimans et al. 2017) and rosinality's VQ-VAE-2 priors place it.
+    Pointwise, so it changes neither causality nor the receptive field; sampling runs without
+    it."""
+    return layers.Dropout(rate, name=f"{name}_dropout")(x) if rate else x
+
+
+def plain_residual_block(x, filters, dilation, name, dropout=0.0):
     """1x1 conv to filters/2, masked 3x3 conv (mask B), 1x1 back to filters, added to x."""
     h = layers.Conv2D(filters // 2, 1, activation="relu", name=f"{name}_conv1")(x)
     h = MaskedConv2D(filters // 2, BLOCK_KERNEL, "B", dilation, name=f"{name}_pixel_conv")(h)
-    h = layers.ReLU(name=f"{name}_relu")(h)
+    h = dropped(layers.ReLU(name=f"{name}_relu")(h), dropout, name)
     h = layers.Conv2D(filters, 1, activation="relu", name=f"{name}_conv2")(h)
     return layers.Add(name=f"{name}_add")([x, h])
 
 
-def plain_stack(embedded, filters, residual_blocks, dilation_cycle):
+def plain_stack(embedded, filters, residual_blocks, dilation_cycle, dropout=0.0):
     x = MaskedConv2D(filters, FIRST_KERNEL, "A", name="pixel_conv_a")(embedded)
     x = layers.ReLU(name="pixel_conv_a_relu")(x)
     for i, dilation in enumerate(block_dilations(residual_blocks, dilation_cycle)):
-        x = plain_residual_block(x, filters, dilation, name=f"res{i + 1}")
+        x = plain_residual_block(x, filters, dilation, name=f"res{i + 1}", dropout=dropout)
     return x
 
 
@@ -461,7 +469,7 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False, 
 
 
 def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, dilation_cycle,
-                     conditional=False, on_top=False):
+                     conditional=False, on_top=False, dropout=0.0):
     """The horizontal stack and the output layers: the embedded codes, the vertical stack's
     maps (and, when conditional, the embedded heights; when on_top, the top codes' features)
     -> logits (B, h, w, K). A position reads
@@ -470,7 +478,8 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
 
     Each gated layer computes tanh(W_f * x + V_f^T h) * sigmoid(W_g * x + V_g^T h) (eq. 2, or
     eq. 4 when conditional) on the sum of its masked 1xk convolution and the vertical map, then a
-    1x1 skip output and, after the first, a residual connection.
+    1x1 skip output and, after the first, a residual connection; `dropout` drops the gate's
+    outputs in training.
     """
     embedded = keras.Input(shape=(None, None, filters), name="horizontal_input")
     links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
@@ -485,8 +494,9 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
         pre = MaskedConv2D(
             2 * filters, (1, kernel), "B" if layer else "A", dilation, name=f"{name}_horizontal"
         )(horizontal)
-        gated = GatedActivation(name=f"{name}_horizontal_gate")(conditioned(
-            layers.Add(name=f"{name}_link")([pre, link]), height, top, f"{name}_horizontal"))
+        gated = dropped(GatedActivation(name=f"{name}_horizontal_gate")(conditioned(
+            layers.Add(name=f"{name}_link")([pre, link]), height, top, f"{name}_horizontal")),
+            dropout, f"{name}_horizontal")
         skips.append(layers.Conv2D(filters, 1, name=f"{name}_skip")(gated))
         if layer < residual_blocks:
             residual = layers.Conv2D(filters, 1, name=f"{name}_residual")(gated)
@@ -514,7 +524,7 @@ CONDITIONS = ("none", "slice")
 
 def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind,
                    dilation_cycle, condition="none", positions=None, top_embeddings=None,
-                   top_grid=None):
+                   top_grid=None, dropout=0.0):
     """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K). Conditioned, it takes
     [code maps, relative heights (B,) in [0, 1] (condition "slice"), top code maps (B, th, tw)
     (top_grid)], those it is conditioned on, in this order. driver.py's flags hold the defaults.
@@ -537,11 +547,15 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
             of top_grid, conditioned on the top code map. A non-causal stack reads the whole top
             map (`TopCodeStack`), its features are upsampled to the bottom grid and a 1x1
             projection of them is added before every gate of both stacks; gated priors only.
+        dropout: the rate at which each block drops its activations in training (`dropped`); 0,
+            the PixelCNN paper's, drops none.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if dilation_cycle < 1:
         raise ValueError(f"dilation_cycle must be at least 1, got {dilation_cycle!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     if condition != "none" and kind != "gated":
@@ -581,13 +595,11 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         links = keras.tree.flatten(vertical([embedded, *embedded_heights, *top]))
         logits = horizontal_stack(
             num_embeddings, filters, residual_blocks, output_layers, dilation_cycle, conditional,
-            bool(top),
+            bool(top), dropout,
         )([embedded, *links, *embedded_heights, *top])
     else:
-        logits = output_head(
-            plain_stack(embedded, filters, residual_blocks, dilation_cycle), num_embeddings,
-            filters, output_layers,
-        )
+        stack = plain_stack(embedded, filters, residual_blocks, dilation_cycle, dropout)
+        logits = output_head(stack, num_embeddings, filters, output_layers)
     inputs = [x for x in (codes, heights, top_codes) if x is not None]
     return keras.Model(inputs if len(inputs) > 1 else codes, logits, name=f"{kind}_pixelcnn")
 
@@ -731,7 +743,7 @@ def layer_graph(model):
 
 # Layers that compute each position from that position alone.
 POINTWISE_LAYERS = (layers.InputLayer, layers.Embedding, layers.ReLU, layers.Activation,
-                    layers.Add, layers.Dense, GatedActivation, HeightEmbedding)
+                    layers.Add, layers.Dense, layers.Dropout, GatedActivation, HeightEmbedding)
 
 
 def _is_pointwise_conv(layer):

@@ -39,6 +39,7 @@ PIXEL_MAX = 255.0
 SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
 LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "pcnn_mirror": False,
+                   "pcnn_dropout": 0.0,
                    "levels": 1, "reconstruction": "mse", "spectral_weight": 0.0,
                    "adversarial_weight": 0.0,
                    "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START,
@@ -207,6 +208,11 @@ class PriorConfig:
              "is the paper's undilated stack")
     pcnn_layers: int = setting(2, type=non_negative_int,
                                help="1x1 convolution layers between the blocks and the logits")
+    pcnn_dropout: float = setting(
+        0.0, type=checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        help="the rate at which each block drops its activations in training, against a prior "
+             "that learns its training maps by heart (PixelCNN++ drops 0.5, rosinality's "
+             "VQ-VAE-2 priors 0.1, the PixelCNN paper nothing); sampling drops nothing")
     condition: str = setting(None, choices=pixelcnn.CONDITIONS,
                              help="none: the prior models p(c); slice: p(c | h), conditioned on "
                                   "each slice's relative height h in [0, 1] read from its file "
@@ -244,7 +250,7 @@ class PriorConfig:
             condition=self.condition,
             positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None,
             top_embeddings=None if top_grid is None else num_embeddings,
-            top_grid=None if top_grid is None else tuple(top_grid))
+            top_grid=None if top_grid is None else tuple(top_grid), dropout=self.pcnn_dropout)
 
 
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices.

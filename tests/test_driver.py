@@ -197,7 +197,7 @@ def test_too_few_test_images_for_the_realism_test(capsys, tmp_path):
     ("--K", "0"), ("--D", "0"), ("--beta", "-1"), ("--epochs", "-1"), ("--batch_size", "0"),
     ("--learning_rate", "0"), ("--pcnn-learning-rate", "-0.1"), ("--shift", "1.5"),
     ("--K", "many"), ("--image-size", "30"), ("--pcnn-epochs", "-2"), ("--temperature", "0"),
-    ("--downsample", "6"), ("--image-size", "36"),
+    ("--downsample", "6"), ("--image-size", "36"), ("--pcnn-dropout", "1"),
 ])
 def test_invalid_flag_values(capsys, flag, value):
     message = one_line_error(capsys, [flag, value])

@@ -22,11 +22,11 @@ HEIGHTS = np.array([0.0, 0.37, 3 / 7, 1.0], "float32")
 
 
 def random_prior(kind, seed=0, residual_blocks=2, dilation_cycle=1, condition="none",
-                 positions=None):
+                 positions=None, dropout=0.0):
     keras.utils.set_random_seed(seed)
     prior = pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=residual_blocks,
                                     output_layers=1, kind=kind, dilation_cycle=dilation_cycle,
-                                    condition=condition, positions=positions)
+                                    condition=condition, positions=positions, dropout=dropout)
     # random biases too, so that no layer's output is trivially zero
     for weight in prior.weights:
         if "bias" in weight.path:
@@ -312,13 +312,61 @@ def test_layer_graph_refuses_what_it_cannot_read(monkeypatch):
         pixelcnn.receptive_field(changed)
 
 
-def test_build_refuses_an_unknown_kind_or_dilation():
+def test_build_refuses_an_unknown_kind_dilation_or_dropout():
     with pytest.raises(ValueError, match="gated"):
         pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gatd", dilation_cycle=1)
     with pytest.raises(ValueError, match="dilation_cycle"):
         pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=0)
+    with pytest.raises(ValueError, match="dropout"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=1, dropout=1.0)
     with pytest.raises(ValueError, match="dilation_rate"):
         pixelcnn.MaskedConv2D(4, 3, "B", dilation_rate=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+DROPOUT = 0.5
+
+
+def dropout_rates(model):
+    """The rates of a model's Dropout layers, those of its nested models included."""
+    rates = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            rates += dropout_rates(layer)
+        elif isinstance(layer, keras.layers.Dropout):
+            rates.append(layer.rate)
+    return rates
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_drops_in_training_only_and_keeps_the_reach(kind):
+    """One Dropout per block (the gated prior's first layer is a block of its own), active in
+    training; at inference the prior computes what the same weights compute without it, so
+    causality and the sampler's reach are the dropout-free prior's."""
+    prior, undropped = (random_prior(kind, dilation_cycle=2, dropout=rate)
+                        for rate in (DROPOUT, 0.0))
+    undropped.set_weights(prior.get_weights())  # (Dropout's seed moves the initializers' draws)
+    blocks = 2 + (kind == "gated")
+    assert dropout_rates(prior) == [DROPOUT] * blocks and dropout_rates(undropped) == []
+    codes = np.random.default_rng(1).integers(0, K, size=(2, *GRID))
+    inference = prior(codes).numpy()
+    np.testing.assert_array_equal(undropped(codes).numpy(), inference)
+    trained = [prior(codes, training=True).numpy() for _ in range(2)]
+    assert np.abs(trained[0] - inference).max() > 1e-3
+    assert np.abs(trained[0] - trained[1]).max() > 1e-3
+    assert pixelcnn.receptive_field(prior) == pixelcnn.receptive_field(undropped)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_sampler_draws_what_the_naive_loop_draws_with_dropout(kind, tmp_path):
+    prior = random_prior(kind, dilation_cycle=2, dropout=DROPOUT)
+    fast = pixelcnn.sample_codes(prior, 3, GRID, temperature=1.0, seed=7).numpy()
+    np.testing.assert_array_equal(fast, naive_codes(prior, 3, GRID, temperature=1.0,
+                                                    seed=7).numpy())
+    loaded = assert_round_trip(prior, fast, tmp_path)
+    assert dropout_rates(loaded) == dropout_rates(prior)
 
 
 # ---------------------------------------------------------------------------------------------
