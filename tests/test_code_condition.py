@@ -16,11 +16,12 @@ HEIGHTS = np.array([0.0, 0.37, 1.0], "float32")
 
 
 def top_prior(condition="none", residual_blocks=1, dilation_cycle=1, top_grid=TOP_GRID,
-              positions=None, seed=0):
+              positions=None, seed=0, dropout=0.0):
     keras.utils.set_random_seed(seed)
     prior = pixelcnn.build_pixelcnn(K, 8, residual_blocks, 1, kind="gated",
                                     dilation_cycle=dilation_cycle, condition=condition,
-                                    positions=positions, top_embeddings=TOP_K, top_grid=top_grid)
+                                    positions=positions, top_embeddings=TOP_K, top_grid=top_grid,
+                                    dropout=dropout)
     # random biases too, so that no layer's output is trivially zero; and top codes embedded
     # far apart, not within Keras's initial +-0.05, so that other top codes change draws
     rng = np.random.default_rng(seed)
@@ -108,13 +109,15 @@ def test_compiled_forward_computes_what_predict_computes(condition, positions):
                                   prior.predict(inputs, verbose=0))
 
 
-@pytest.mark.parametrize("condition, positions", [("none", False), ("slice", True)])
-def test_fast_sampler_draws_what_the_naive_loop_draws_given_the_top_codes(condition, positions):
+@pytest.mark.parametrize("condition, positions, dropout",
+                         [("none", False, 0.0), ("slice", True, 0.5)])
+def test_fast_sampler_draws_what_the_naive_loop_draws_given_the_top_codes(condition, positions,
+                                                                          dropout):
     """Two blocks dilated by 1 and 2 read 7 rows above: a 9-row map makes the sampler drop rows
     it no longer needs. The top grid's rows are tripled, its columns doubled."""
     top_grid, grid = (3, 2), (9, 4)
     prior = top_prior(condition, residual_blocks=2, dilation_cycle=2, top_grid=top_grid,
-                      positions=grid if positions else None)
+                      positions=grid if positions else None, dropout=dropout)
     assert pixelcnn.receptive_field(prior.get_layer("vertical_stack")).rows_above < grid[0] - 1
     top = random_maps((len(HEIGHTS), *top_grid), TOP_K, 3)
     heights = HEIGHTS if condition == "slice" else None
