@@ -82,6 +82,7 @@ open_unit_interval = checked(float, lambda v: 0 < v < 1, "a number between 0 and
 positive_float = checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 non_negative_float = checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 unit_interval = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+dropout_rate = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 square_size = checked(int, lambda v: v >= MIN_IMAGE_SIZE, f"an integer >= {MIN_IMAGE_SIZE}")
 power_of_two = checked(int, lambda v: v >= 2 and v & (v - 1) == 0, "a power of 2 >= 2")
 
@@ -209,7 +210,7 @@ class PriorConfig:
     pcnn_layers: int = setting(2, type=non_negative_int,
                                help="1x1 convolution layers between the blocks and the logits")
     pcnn_dropout: float = setting(
-        0.0, type=checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        0.0, type=dropout_rate,
         help="the rate at which each block drops its activations in training, against a prior "
              "that learns its training maps by heart (PixelCNN++ drops 0.5, rosinality's "
              "VQ-VAE-2 priors 0.1, the PixelCNN paper nothing); sampling drops nothing")
