@@ -303,9 +303,8 @@ def mirrored_step_check(name, body):
 
     @pytest.fixture
     def returned(mirrored_steps):
-        result = mirrored_steps
-        assert result.returncode == 0, result.stderr[-3000:]
-        outcome = json.loads(result.stdout.strip().splitlines()[-1])[name]
+        assert mirrored_steps.returncode == 0, mirrored_steps.stderr[-3000:]
+        outcome = json.loads(mirrored_steps.stdout.strip().splitlines()[-1])[name]
         assert "raised" not in outcome, outcome.get("raised")
         return outcome["returned"]
 
