@@ -66,6 +66,7 @@ FIGURE_EXAMPLES = 6  # images in codebook_results.png
 SAMPLES_SHOWN = 8  # samples in samples.png
 HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
 IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
+VQVAE_NAME = "VQ-VAE"
 PRIOR_NAMES = ("PixelCNN", "bottom PixelCNN")  # each code level's, top first
 
 
@@ -110,10 +111,24 @@ class ValidationQuality(keras.callbacks.Callback):
                          for name, value in evaluation.codebook_metrics(counts).items()})
 
 
+def derived_seed(seed, *position):
+    """A seed of its own for each position (a model's name, a draw and code level) from
+    --seed, independent of the others'."""
+    return int(np.random.SeedSequence((seed, *position)).generate_state(1)[0] >> 1)
+
+
+def seed_model(seed, name):
+    """Seeds every random source from (--seed, the model's name) before a model is built: its
+    initial weights, dropout and shuffling then do not depend on what ran before it, so a run
+    resumed after its VQ-VAE trains the priors an uninterrupted run trains."""
+    keras.utils.set_random_seed(derived_seed(seed, *name.encode()))
+
+
 def train_vqvae(splits, settings, checkpoints, strategy):
     given, vq = settings.data, settings.vqvae
     print(f"Training the {'two-level ' if vq.levels == 2 else ''}VQ-VAE for {vq.epochs} epochs")
     variance = data.pixel_variance(splits.train, settings.verbose)
+    seed_model(given.seed, VQVAE_NAME)
     with strategy.scope():
         model = vq.build((-given.shift, 1.0 - given.shift), variance)
         model.compile(optimizer=keras.optimizers.Adam(vq.learning_rate))
@@ -130,14 +145,16 @@ def train_prior(codes, heights, top, settings, checkpoints, strategy):
     heights; for VQ-VAE-2's bottom level, the `top` level's code maps), validated on the
     validation split's."""
     given, config = settings.data, settings.prior
-    training = ("train", data.MIRRORED_TRAIN) if config.pcnn_mirror else ("train",)
+    mirror = config.pcnn_mirror and top is None  # see --pcnn-mirror: the top prior only
+    training = ("train", data.MIRRORED_TRAIN) if mirror else ("train",)
     train_codes, train_heights, train_top = (data.joined(arrays, training)
                                              for arrays in (codes, heights, top))
     given_top = "" if top is None else ", given the top codes"
-    mirrored = " (the training slices and their mirror images)" if config.pcnn_mirror else ""
+    mirrored = " (the training slices and their mirror images)" if mirror else ""
     print(f"Training the {config.pcnn_type} PixelCNN (condition: {config.condition}{given_top}) "
           f"for {config.pcnn_epochs} epochs on {len(train_codes)} code maps of "
           f"{train_codes.shape[1]}x{train_codes.shape[2]}{mirrored}")
+    seed_model(given.seed, PRIOR_NAMES[0 if top is None else 1])
     with strategy.scope():
         prior = config.build(settings.vqvae.K, train_codes.shape[1:],
                              None if top is None else train_top.shape[1:])
@@ -183,18 +200,12 @@ def sample(model, priors, heights, settings):
                                                              "row"))
         for draw in draws:
             codes[draw].append(sampler(count, settings.temperature,
-                                       sampler_seed(settings.data.seed, draw, level), heights,
+                                       derived_seed(settings.data.seed, draw, level), heights,
                                        codes[draw][-1] if level else None))
         print(f"Sampled {len(draws)} x {count} code maps of {grid}x{grid} in "
               f"{time.perf_counter() - started:.1f} s")
     return [Sampled(levels[0].numpy(), evaluation.to_unit_range(
         model.decode_indices(*levels), settings.data.shift).numpy(), heights) for levels in codes]
-
-
-def sampler_seed(seed, draw, level):
-    """A seed of its own for each draw and code level, from --seed: the sampler's draws are
-    seeded by (its seed, position)."""
-    return int(np.random.SeedSequence((seed, draw, level)).generate_state(1)[0] >> 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,9 +597,9 @@ def run(settings):
     if train_vq:
         runs.save_model(train_vqvae(splits, settings, vq_checkpoints, strategy),
                         vq_checkpoints.keras_file)
-    model = runs.load_finished("VQ-VAE", vq_checkpoints)
+    model = runs.load_finished(VQVAE_NAME, vq_checkpoints)
     codes = data.code_maps(model, splits, settings.verbose,  # per level, top first
-                           mirrored=prior_config.pcnn_mirror and any(train_priors))
+                           mirrored=prior_config.pcnn_mirror and train_priors[0])
     priors = []
     for level, checkpoints in enumerate(prior_checkpoints):
         top = codes[level - 1] if level else None

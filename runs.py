@@ -222,9 +222,11 @@ class PriorConfig:
                                   "plain one)")
     pcnn_mirror: bool = setting(
         False, action=argparse.BooleanOptionalAction,
-        help="the priors also learn from the training slices mirrored left-right (their code "
-             "maps as the VQ-VAE encodes the mirror images, at the same heights): brains are "
-             "nearly symmetric, and it doubles a small training set")
+        help="the (top) prior also learns from the training slices mirrored left-right (their "
+             "code maps as the VQ-VAE encodes the mirror images, at the same heights): brains "
+             "are nearly symmetric, and it doubles a small training set. The bottom prior takes "
+             "the layout from the top codes and is not mirrored: that would double the run's "
+             "longest step")
     pcnn_positions: str = setting(None, choices=("none", "learned"),
                                   help="learned: each code's embedding is added to a learned "
                                        "embedding of its row and column, so that the prior knows "

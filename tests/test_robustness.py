@@ -4,10 +4,12 @@ import json
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import driver
 import runs
@@ -210,6 +212,33 @@ def test_unwritable_checkpoint_dir(tmp_path, capsys):
     message = one_line_error(capsys, ["--data", str(tmp_path), "--out", str(tmp_path / "out"),
                                       "--checkpoint-dir", str(blocker / "ck")])
     assert "--checkpoint-dir" in message
+
+
+def test_a_prior_starts_from_its_own_seed_whatever_drew_random_numbers_before(tmp_path,
+                                                                             monkeypatch):
+    """A run resumed after its VQ-VAE finished builds the prior an uninterrupted run builds,
+    though the uninterrupted run drew random numbers for the VQ-VAE's training in between."""
+    settings = driver.parse_args(["--out", str(tmp_path), *TINY_RUN, "--pcnn-dropout", "0.5"])
+    codes = {split: np.zeros((4, 8, 8), "int32") for split in ("train", "validate")}
+    heights = {split: None for split in codes}
+    checkpoints = SimpleNamespace(keras_file=tmp_path / "pixelcnn.keras")
+
+    def fit(prior, *rest, **options):
+        raise StartedTraining([weight.numpy() for weight in prior.weights])
+
+    def initial_weights():
+        with pytest.raises(StartedTraining) as started:
+            driver.train_prior(codes, heights, None, settings, checkpoints,
+                               tf.distribute.get_strategy())
+        return started.value.args[0]
+
+    monkeypatch.setattr(runs, "fit", fit)
+    first = initial_weights()
+    keras.random.normal((3,))  # what training another model draws
+    np.random.random()
+    tf.random.uniform((3,))
+    for expected, weight in zip(first, initial_weights(), strict=True):
+        np.testing.assert_array_equal(expected, weight)
 
 
 def test_same_seed_same_metrics(tiny_run, tiny_rerun):
