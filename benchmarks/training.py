@@ -21,7 +21,7 @@ measurement runs in its own subprocess, so the peak memory of one is not inherit
   final SSIM; at 256x256 the seed's VQ-VAE also races with our optimiser settings, which tells
   the architectures' share of the lead from the optimiser's;
 - a projection of a full default run (the VQ-VAE and each level's prior, driver.py's default
-  epochs, the priors' on twice the maps with --pcnn-mirror) on OASIS_SLICES slices from the
+  epochs, the top prior's on twice the maps with --pcnn-mirror) on OASIS_SLICES slices from the
   measured throughput;
 - whether issue #17's targets are met, judged within this one run.
 """
@@ -106,7 +106,8 @@ QUICK_BUDGET_SECONDS = 10.0
 QUALITY_CHECKS = 12
 # The OASIS training split's slice count, for the projection of a full default run.
 OASIS_SLICES = 9664
-# With --pcnn-mirror the priors train on each training slice's code maps and its mirror image's.
+# With --pcnn-mirror the top prior trains on each training slice's code maps and its mirror
+# image's.
 MIRRORED_MAPS_PER_SLICE = 2
 SECONDS_PER_HOUR = 3600
 # Issue #17's targets (and #14's for the prior), each judged within one run.
@@ -661,14 +662,14 @@ def prior_kinds(settings):
 
 def full_run_hours(results, model_name):
     """Hours of training of a full default run on OASIS_SLICES slices at the measured speeds:
-    the VQ-VAE's epochs, then each prior's, on twice the maps with --pcnn-mirror."""
+    the VQ-VAE's epochs, then each prior's, the top one's on twice the maps with --pcnn-mirror."""
     settings = model_settings("defaults", model_name)
-    prior_epochs = settings.prior.pcnn_epochs * (MIRRORED_MAPS_PER_SLICE
-                                                 if settings.prior.pcnn_mirror else 1)
+    maps_per_slice = [MIRRORED_MAPS_PER_SLICE if settings.prior.pcnn_mirror else 1, 1]
     seconds = OASIS_SLICES * (
         settings.vqvae.epochs / results["vqvae", "defaults", model_name]["per_second"]
-        + sum(prior_epochs / results[kind, "defaults", model_name]["per_second"]
-              for kind in prior_kinds(settings)))
+        + sum(settings.prior.pcnn_epochs * maps
+              / results[kind, "defaults", model_name]["per_second"]
+              for kind, maps in zip(prior_kinds(settings), maps_per_slice)))
     return seconds / SECONDS_PER_HOUR
 
 
@@ -678,7 +679,7 @@ def projection_lines(results):
         priors = ("prior",) if settings.vqvae.levels == 1 else ("top prior", "bottom prior")
         parts = [f"{settings.vqvae.epochs} VQ-VAE epochs",
                  *(f"{settings.prior.pcnn_epochs} {prior} epochs" for prior in priors)]
-        mirrored = ", the priors' on mirrored maps too" if settings.prior.pcnn_mirror else ""
+        mirrored = ", the top prior's on mirrored maps too" if settings.prior.pcnn_mirror else ""
         yield (f"projected full default run on {OASIS_SLICES:,} slices, {model_name}: "
                f"{full_run_hours(results, model_name):.1f} h ({' + '.join(parts)}{mirrored} at "
                "the measured 256x256 speeds)")
