@@ -210,10 +210,10 @@ class PriorConfig:
     pcnn_layers: int = setting(2, type=non_negative_int,
                                help="1x1 convolution layers between the blocks and the logits")
     pcnn_dropout: float = setting(
-        0.0, type=dropout_rate,
+        0.1, type=dropout_rate,
         help="the rate at which each block drops its activations in training, against a prior "
              "that learns its training maps by heart (PixelCNN++ drops 0.5, rosinality's "
-             "VQ-VAE-2 priors 0.1, the PixelCNN paper nothing); sampling drops nothing")
+             "VQ-VAE-2 priors 0.1, the PixelCNN paper nothing: 0); sampling drops nothing")
     condition: str = setting(None, choices=pixelcnn.CONDITIONS,
                              help="none: the prior models p(c); slice: p(c | h), conditioned on "
                                   "each slice's relative height h in [0, 1] read from its file "
@@ -221,7 +221,7 @@ class PriorConfig:
                                   "prior only (default: slice for the gated prior, none for the "
                                   "plain one)")
     pcnn_mirror: bool = setting(
-        False, action=argparse.BooleanOptionalAction,
+        True, action=argparse.BooleanOptionalAction,
         help="the (top) prior also learns from the training slices mirrored left-right (their "
              "code maps as the VQ-VAE encodes the mirror images, at the same heights): brains "
              "are nearly symmetric, and it doubles a small training set. The bottom prior takes "

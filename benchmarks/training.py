@@ -88,7 +88,8 @@ DEFAULTS = Setting(runs.DataConfig(), runs.VQVAEConfig(), runs.PriorConfig())
 SETTINGS = {"defaults": DEFAULTS, "demo": DEFAULTS.replace(**{
     name: value for name, value in data.DEMO_DEFAULTS.items() if name != "out"})}
 SEED_DEFAULTS = dict(image_size=256, downsample=4, levels=1, K=512, D=2, beta=1.5, batch_size=32,
-                     learning_rate=2e-4, pcnn_learning_rate=3e-4, pcnn_mirror=False)
+                     learning_rate=2e-4, pcnn_learning_rate=3e-4, pcnn_mirror=False,
+                     pcnn_dropout=0.0)
 # The keras.io PixelCNN: 128 filters, 2 residual blocks, 2 masked 1x1 layers, at any K.
 SEED_PIXELCNN_FILTERS = 128
 SEED_PIXELCNN_BLOCKS = 2
