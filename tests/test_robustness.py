@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import data
 import driver
 import runs
 import vqvae
@@ -219,7 +220,8 @@ def test_a_prior_starts_from_its_own_seed_whatever_drew_random_numbers_before(tm
     """A run resumed after its VQ-VAE finished builds the prior an uninterrupted run builds,
     though the uninterrupted run drew random numbers for the VQ-VAE's training in between."""
     settings = driver.parse_args(["--out", str(tmp_path), *TINY_RUN, "--pcnn-dropout", "0.5"])
-    codes = {split: np.zeros((4, 8, 8), "int32") for split in ("train", "validate")}
+    codes = {split: np.zeros((4, 8, 8), "int32")
+             for split in ("train", data.MIRRORED_TRAIN, "validate")}
     heights = {split: None for split in codes}
     checkpoints = SimpleNamespace(keras_file=tmp_path / "pixelcnn.keras")
 
