@@ -68,6 +68,7 @@ HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
 IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
 VQVAE_NAME = "VQ-VAE"
 PRIOR_NAMES = ("PixelCNN", "bottom PixelCNN")  # each code level's, top first
+REAL_TOPS_SEED = b"bottom codes given real top codes"  # a position of derived_seed's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +209,47 @@ def sample(model, priors, heights, settings):
         model.decode_indices(*levels), settings.data.shift).numpy(), heights) for levels in codes]
 
 
+def bottom_given_real_tops(model, bottom_prior, top_codes, heights, settings):
+    """VQ-VAE-2's bottom prior on its own: --sample-draws draws of bottom codes given the top
+    codes (and heights) of real slices, decoded with those top codes, images in [0, 1]. Against
+    the same slices' reconstructions they score what the bottom prior adds to the samples'
+    distance from them; the rest of that distance is the top prior's."""
+    grid = model.code_grids(settings.data.image_size)[-1]
+    sampler = pixelcnn.code_sampler(bottom_prior, (grid, grid))
+    started = time.perf_counter()
+    draws = []
+    for draw in range(settings.sample_draws):
+        bottom = sampler(len(top_codes), settings.temperature,
+                         derived_seed(settings.data.seed, draw, *REAL_TOPS_SEED), heights,
+                         top_codes)
+        draws.append(evaluation.to_unit_range(model.decode_indices(top_codes, bottom),
+                                              settings.data.shift).numpy())
+    print(f"Sampled {len(draws)} x {len(top_codes)} bottom code maps of {grid}x{grid} given the "
+          f"top codes of training slices in {time.perf_counter() - started:.1f} s")
+    return draws
+
+
+def bottom_prior_realism(model, bottom_prior, codes, heights, train_pixels, settings):
+    """The two-sample metrics of `bottom_given_real_tops` for --num-samples training slices
+    (drawn with --seed) against their reconstructions; none when there are too few slices."""
+    shift, seed = settings.data.shift, settings.data.seed
+    count = min(settings.num_samples, len(train_pixels))
+    reason = evaluation.too_few_images(count, count)
+    if reason is not None:
+        print(f"  samples.c2st_bottom_given_top: nan ({reason})")
+        return {}
+    chosen = np.sort(np.random.default_rng(seed).choice(len(train_pixels), count, replace=False))
+    _, reconstructed = evaluation.reconstructions(
+        model, data.scaled_batches(train_pixels[chosen], shift, settings.data.batch_size), shift)
+    drawn = bottom_given_real_tops(model, bottom_prior, tf.constant(codes[chosen]),
+                                   None if heights is None else heights[chosen], settings)
+    result = evaluation.realism_over_draws(
+        evaluation.realism_summary(reconstructed),
+        [evaluation.realism_summary(images) for images in drawn], seed)
+    return evaluation.two_sample_metrics(result, "c2st_bottom_given_top",
+                                         "anatomy_bottom_given_top")
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the metrics themselves live in evaluation.py
 
@@ -274,6 +316,9 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
             "pairwise_ssim": evaluation.pairwise_ssim(sampled.images, seed),
         },
     }
+    if len(priors) == 2:
+        metrics["samples"].update(bottom_prior_realism(
+            model, priors[1], codes[0]["train"], heights["train"], train_pixels, settings))
     if sampled.heights is not None:
         metrics["samples"].update(evaluation.samples_by_height(
             (originals, real, heights["test"]), (sampled.images, drawn[0], sampled.heights),

@@ -759,15 +759,18 @@ def print_metrics(metrics, prefix=""):
         print_beside_floors(metrics)
 
 
-# (metrics group, accuracy key, what it compares): the two-sample accuracies, then their floors
+# (metrics group, accuracy key, what it compares): the two-sample accuracies, then their floors;
+# a run of one code level has no bottom prior to score alone (driver.bottom_prior_realism)
 TWO_SAMPLE_SCORES = (
     ("samples", "c2st_accuracy", "samples vs real test slices"),
     ("samples", "c2st_vs_reconstructions", "samples vs test reconstructions"),
     ("samples", "c2st_vs_train_reconstructions", "samples vs training reconstructions"),
+    ("samples", "c2st_bottom_given_top", "bottom prior alone (given real top codes)"),
     ("vqvae", "c2st_reconstructions", "test reconstructions vs real test slices"),
     ("samples", "floor_train_vs_test", "floor: real training vs real test slices"),
     ("samples", "floor_reconstruction_halves", "floor: two halves of training reconstructions"),
 )
+ONE_LEVEL_LACKS = "c2st_bottom_given_top"
 
 
 def print_beside_floors(metrics):
@@ -778,7 +781,10 @@ def print_beside_floors(metrics):
     print("\nTwo-sample accuracy: mean ± sd, and one test's standard error (the images' share)")
     print(f"  sd: the samples' over {draws} independent draws of them, the others' {seeds}"
           if draws > 1 else f"  sd: {seeds}")
+    one_level = "bottom_test_nll_bits" not in metrics["pixelcnn"]
     for group, key, label in TWO_SAMPLE_SCORES:
+        if key == ONE_LEVEL_LACKS and one_level:
+            continue
         if key not in metrics[group]:
             print(f"  {label:<48} nan (too few images, see above)")
             continue

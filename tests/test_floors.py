@@ -182,13 +182,18 @@ def test_the_accuracies_are_printed_beside_their_floors(capsys):
                    for end, value in (("", 0.7), ("_sd", 0.02), ("_stderr", 0.05))})
     vq = {"c2st_reconstructions": 1.0, "c2st_reconstructions_sd": 0.0,
           "c2st_reconstructions_stderr": 0.0}
-    evaluation.print_beside_floors({"samples": scores, "vqvae": vq})
+    evaluation.print_beside_floors({"samples": scores, "vqvae": vq, "pixelcnn": {}})
     printed = capsys.readouterr().out
     assert "samples vs real test slices" in printed and "0.900 ± 0.010 (s.e. 0.040)" in printed
     assert "the samples' over 3 independent draws" in printed
     assert "floor: real training vs real test slices" in printed
     (halves,) = [line for line in printed.splitlines() if "two halves" in line]
     assert "nan (too few images" in halves
+    assert "bottom prior alone" not in printed  # one code level: no bottom prior
+    two_levels = {"bottom_test_nll_bits": 1.0}
+    evaluation.print_beside_floors({"samples": scores, "vqvae": vq, "pixelcnn": two_levels})
+    (bottom,) = [line for line in capsys.readouterr().out.splitlines() if "bottom prior" in line]
+    assert "nan (too few images" in bottom
 
 
 # ---------------------------------------------------------------------------------------------

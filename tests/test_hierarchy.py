@@ -256,6 +256,10 @@ def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_ru
         assert 0 < metrics["vqvae"][f"{level}codes_used"] <= 1
         assert 0 < metrics["pixelcnn"][f"{level}test_nll_bits"] < 2 * np.log2(K)
     assert len(list((out / "samples").glob("*.png"))) == 10
+    # the bottom prior scored alone, printed among the two-sample accuracies
+    assert 0 <= metrics["samples"]["c2st_bottom_given_top"] <= 1
+    printed = two_level_run["trained_output"].read_text()
+    assert "bottom prior alone (given real top codes)" in printed, printed
     # each codebook's use on the validation slices, after every epoch
     (epoch,) = json.loads((out / "checkpoints" / "vqvae_history.json").read_text())
     for level in ("", "bottom_"):
@@ -334,3 +338,67 @@ def test_two_levels_are_the_default_and_the_demo_keeps_one(capsys):
     assert driver.parse_args(["--demo"]).vqvae.levels == 1
     message = one_line_error(capsys, ["--pcnn-type", "plain"])
     assert "--levels" in message and "use --levels 1" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# The bottom prior scored alone, given real top codes (driver.bottom_prior_realism)
+
+
+class BlockCodec:
+    """A stand-in two-level VQ-VAE whose codes are readable: a top code is the brightness of an
+    8x8 block, quantised to TOP_LEVELS; a bottom code c adds TEXTURE * (c / K - 1/2) to a 4x4
+    block. The bottom codes it reconstructs with are K/2 everywhere (flat: no texture) or
+    uniformly random ones."""
+
+    TOP_LEVELS, TEXTURE = 5, 0.6
+
+    def __init__(self, uniform_bottoms):
+        self.uniform_bottoms, self.shift = uniform_bottoms, -PIXEL_RANGE[0]
+        self.rng = np.random.default_rng(1)
+
+    def code_grids(self, image_size):
+        return [image_size // DOWNSAMPLE, 2 * image_size // DOWNSAMPLE]
+
+    def top_codes(self, images):
+        blocks = keras.ops.average_pool(images + self.shift, DOWNSAMPLE, DOWNSAMPLE)
+        return np.round(np.asarray(blocks)[..., 0] * (self.TOP_LEVELS - 1)).astype("int32")
+
+    def decode_indices(self, top, bottom):
+        brightness = np.kron(np.asarray(top) / (self.TOP_LEVELS - 1), np.ones((8, 8)))
+        texture = np.kron(np.asarray(bottom) / K - 0.5, np.ones((4, 4)))
+        return (brightness + self.TEXTURE * texture - self.shift)[..., None].astype("float32")
+
+    def __call__(self, images):
+        top = self.top_codes(images)
+        shape = (len(top), 8, 8)
+        bottom = self.rng.integers(0, K, shape) if self.uniform_bottoms else np.full(shape, K // 2)
+        return self.decode_indices(top, bottom)
+
+
+@pytest.mark.parametrize("uniform_bottoms, flagged", [(True, False), (False, True)])
+def test_the_bottom_prior_alone_is_flagged_only_when_its_draws_differ_from_the_codes(
+        uniform_bottoms, flagged):
+    """A bottom prior that draws every code with probability 1/K, given real top codes. Positive
+    control: the VQ-VAE's own bottom codes are uniformly random too, so the two sets differ in
+    their draws, not in their distribution: near chance. Negative control: its bottom codes are
+    flat, and the prior's draws show as speckle the reconstructions lack: told apart."""
+    import driver
+    import pixelcnn
+    from conftest import brain_like_image
+
+    rng = np.random.default_rng(0)
+    count = 40
+    pixels = np.stack([brain_like_image(rng, SIZE) for _ in range(count)])[..., None]
+    codec = BlockCodec(uniform_bottoms)
+    top = codec.top_codes(pixels.astype("float32") / 255 - codec.shift)
+    prior = pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="gated", dilation_cycle=1,
+                                    condition="none", top_embeddings=BlockCodec.TOP_LEVELS,
+                                    top_grid=top.shape[1:])
+    for weight in prior.get_layer("horizontal_stack").get_layer("logits").weights:
+        weight.assign(np.zeros(weight.shape))  # uniform over the K codes
+    settings = driver.parse_args(["--image-size", str(SIZE), "--downsample", str(DOWNSAMPLE),
+                                  "--num-samples", str(count), "--sample-draws", "1",
+                                  "--condition", "none"])
+    metrics = driver.bottom_prior_realism(codec, prior, top, None, pixels, settings)
+    accuracy = metrics["c2st_bottom_given_top"]
+    assert (accuracy > 0.9) if flagged else (accuracy < 0.7), accuracy
