@@ -229,25 +229,40 @@ def bottom_given_real_tops(model, bottom_prior, top_codes, heights, settings):
     return draws
 
 
+@dataclass
+class BottomAlone:
+    """What `bottom_prior_realism` drew, for its figure: training slices, their reconstructions
+    and the first draw given their top codes, in [0, 1] (N, H, W, 1), and their heights (None
+    without a slice condition)."""
+
+    originals: np.ndarray
+    reconstructions: np.ndarray
+    drawn: np.ndarray
+    heights: np.ndarray
+
+
 def bottom_prior_realism(model, bottom_prior, codes, heights, train_pixels, settings):
     """The two-sample metrics of `bottom_given_real_tops` for --num-samples training slices
-    (drawn with --seed) against their reconstructions; none when there are too few slices."""
+    (drawn with --seed) against their reconstructions, and a BottomAlone of them; ({}, None)
+    when there are too few slices."""
     shift, seed = settings.data.shift, settings.data.seed
     count = min(settings.num_samples, len(train_pixels))
     reason = evaluation.too_few_images(count, count)
     if reason is not None:
         print(f"  samples.c2st_bottom_given_top: nan ({reason})")
-        return {}
+        return {}, None
     chosen = np.sort(np.random.default_rng(seed).choice(len(train_pixels), count, replace=False))
-    _, reconstructed = evaluation.reconstructions(
+    heights = None if heights is None else heights[chosen]
+    originals, reconstructed = evaluation.reconstructions(
         model, data.scaled_batches(train_pixels[chosen], shift, settings.data.batch_size), shift)
-    drawn = bottom_given_real_tops(model, bottom_prior, tf.constant(codes[chosen]),
-                                   None if heights is None else heights[chosen], settings)
+    drawn = bottom_given_real_tops(model, bottom_prior, tf.constant(codes[chosen]), heights,
+                                   settings)
     result = evaluation.realism_over_draws(
         evaluation.realism_summary(reconstructed),
         [evaluation.realism_summary(images) for images in drawn], seed)
-    return evaluation.two_sample_metrics(result, "c2st_bottom_given_top",
-                                         "anatomy_bottom_given_top")
+    return (evaluation.two_sample_metrics(result, "c2st_bottom_given_top",
+                                          "anatomy_bottom_given_top"),
+            BottomAlone(originals, reconstructed, drawn[0], heights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +275,8 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
     training slice, beside it (`evaluation.most_memorised`). Each two-sample accuracy of
     the samples is the mean over the draws; it is printed beside its floors (`print_metrics`).
     A conditional prior's NLL is conditional, and its samples are also compared with the real
-    slices at their heights."""
+    slices at their heights. With two code levels, also the bottom prior alone
+    (`bottom_prior_realism`) and what it drew (a BottomAlone; None with one level)."""
     shift, seed, num_embeddings = settings.data.shift, settings.data.seed, settings.vqvae.K
     sampled = draws[0]
     originals, reconstructed = evaluation.reconstructions(model, splits.scaled("test"), shift)
@@ -316,9 +332,11 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
             "pairwise_ssim": evaluation.pairwise_ssim(sampled.images, seed),
         },
     }
+    bottom_alone = None
     if len(priors) == 2:
-        metrics["samples"].update(bottom_prior_realism(
-            model, priors[1], codes[0]["train"], heights["train"], train_pixels, settings))
+        scores, bottom_alone = bottom_prior_realism(
+            model, priors[1], codes[0]["train"], heights["train"], train_pixels, settings)
+        metrics["samples"].update(scores)
     if sampled.heights is not None:
         metrics["samples"].update(evaluation.samples_by_height(
             (originals, real, heights["test"]), (sampled.images, drawn[0], sampled.heights),
@@ -328,7 +346,7 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
                   "samples": drawn[0]["statistics"]}
     memorised = evaluation.most_memorised(sampled.images, train_pixels, MEMORISATION_SHOWN,
                                           nearest)
-    return metrics, statistics, memorised
+    return metrics, statistics, memorised, bottom_alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,11 +590,39 @@ def plot_memorisation(samples, nearest, scores, test_threshold, path):
     return fig
 
 
+BOTTOM_ALONE_SHOWN = 8  # training slices in bottom_prior.png
+
+
+def plot_bottom_prior(alone, path):
+    """Training slices spread over the heights, their reconstructions, and the images decoded
+    from their top codes with bottom codes the bottom prior drew given them: where the last row
+    has the slices' structure, the samples' missing structure is the top prior's."""
+    order = np.arange(len(alone.drawn)) if alone.heights is None else np.argsort(alone.heights)
+    shown = order[np.linspace(0, len(order) - 1, BOTTOM_ALONE_SHOWN).round().astype(int)]
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, runs.FIGURE_WIDTH / len(shown) * 3 + 0.6),
+                 layout="constrained")
+    axes = fig.subplots(3, len(shown), squeeze=False)
+    rows = (alone.originals, alone.reconstructions, alone.drawn)
+    titles = ("training slice", "reconstruction", "bottom drawn given its top codes")
+    for row, (images, title) in enumerate(zip(rows, titles)):
+        for col, index in enumerate(shown):
+            axes[row, col].imshow(images[index, ..., 0], cmap="gray", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+        axes[row, 0].set_title(title, loc="left", fontsize="medium")
+    if alone.heights is not None:
+        for col, index in enumerate(shown):
+            axes[0, col].text(0.02, 0.98, f"h = {alone.heights[index]:.2f}", color="white",
+                              va="top", fontsize="small", transform=axes[0, col].transAxes)
+    save_figure(fig, path)
+    return fig
+
+
 def write_figures(model, splits, histories, sampled, codes, statistics, memorised, metrics,
-                  settings):
+                  settings, bottom_alone=None):
     """The figures of a run; `histories` holds the VQ-VAE's and each level's prior's per-epoch
-    logs ({metric: [value per epoch]}, None for checkpoints without a history file), and
-    `memorised` what `evaluate` found of the samples nearest to a training slice."""
+    logs ({metric: [value per epoch]}, None for checkpoints without a history file),
+    `memorised` what `evaluate` found of the samples nearest to a training slice, and
+    `bottom_alone` what it drew of the bottom prior alone (two code levels)."""
     out, shift, num_embeddings = settings.out, settings.data.shift, settings.vqvae.K
     vq_history, *prior_histories = histories
     if vq_history or any(prior_histories):
@@ -606,6 +652,8 @@ def write_figures(model, splits, histories, sampled, codes, statistics, memorise
     plot_realism(statistics, metrics["samples"]["anatomy"], out / "realism.png")
     plot_memorisation(*memorised, metrics["samples"]["test_nn_ssim_p99"],
                       out / "memorisation.png")
+    if bottom_alone is not None:
+        plot_bottom_prior(bottom_alone, out / "bottom_prior.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,13 +705,13 @@ def run(settings):
 
     draws = sample(model, priors, drawn_at, settings)
     runs.save_sample_pngs(draws[0].images, settings.out / "samples", drawn_at)
-    metrics, statistics, memorised = evaluate(model, priors, splits, draws, codes, heights,
-                                              settings)
+    metrics, statistics, memorised, bottom_alone = evaluate(model, priors, splits, draws, codes,
+                                                            heights, settings)
     runs.save_json(metrics, settings.out / "metrics.json")
     runs.save_json(settings.flat(), settings.out / "run_settings.json")
     write_figures(model, splits, [runs.by_metric(runs.read_epochs(checkpoints.history))
                                   for checkpoints in (vq_checkpoints, *prior_checkpoints)],
-                  draws[0], codes, statistics, memorised, metrics, settings)
+                  draws[0], codes, statistics, memorised, metrics, settings, bottom_alone)
     evaluation.print_metrics(metrics)
     print(f"\nSamples, figures, metrics.json and run_settings.json: {settings.out}/")
     models = (vq_checkpoints, *prior_checkpoints)
