@@ -214,18 +214,22 @@ def bottom_given_real_tops(model, bottom_prior, top_codes, heights, settings):
     codes (and heights) of real slices, decoded with those top codes, images in [0, 1]. Against
     the same slices' reconstructions they score what the bottom prior adds to the samples'
     distance from them; the rest of that distance is the top prior's."""
-    grid = model.code_grids(settings.data.image_size)[-1]
-    sampler = pixelcnn.code_sampler(bottom_prior, (grid, grid))
+    grid, count = model.code_grids(settings.data.image_size)[-1], len(top_codes)
+    if settings.verbose != runs.QUIET:
+        print(f"Sampling {settings.sample_draws} draws of {count} bottom code maps of "
+              f"{grid}x{grid} given the top codes of training slices, a row of each at a time")
+    sampler = pixelcnn.code_sampler(bottom_prior, (grid, grid), runs.progress_of_long_steps(
+        grid * settings.sample_draws, settings.verbose, "row"))
     started = time.perf_counter()
     draws = []
     for draw in range(settings.sample_draws):
-        bottom = sampler(len(top_codes), settings.temperature,
+        bottom = sampler(count, settings.temperature,
                          derived_seed(settings.data.seed, draw, *REAL_TOPS_SEED), heights,
                          top_codes)
         draws.append(evaluation.to_unit_range(model.decode_indices(top_codes, bottom),
                                               settings.data.shift).numpy())
-    print(f"Sampled {len(draws)} x {len(top_codes)} bottom code maps of {grid}x{grid} given the "
-          f"top codes of training slices in {time.perf_counter() - started:.1f} s")
+    print(f"Sampled {len(draws)} x {count} bottom code maps of {grid}x{grid} given the top codes "
+          f"of training slices in {time.perf_counter() - started:.1f} s")
     return draws
 
 
@@ -599,20 +603,21 @@ def plot_bottom_prior(alone, path):
     has the slices' structure, the samples' missing structure is the top prior's."""
     order = np.arange(len(alone.drawn)) if alone.heights is None else np.argsort(alone.heights)
     shown = order[np.linspace(0, len(order) - 1, BOTTOM_ALONE_SHOWN).round().astype(int)]
-    fig = Figure(figsize=(runs.FIGURE_WIDTH, runs.FIGURE_WIDTH / len(shown) * 3 + 0.6),
+    fig = Figure(figsize=(runs.FIGURE_WIDTH, (runs.FIGURE_WIDTH / len(shown) + 0.3) * 3),
                  layout="constrained")
-    axes = fig.subplots(3, len(shown), squeeze=False)
     rows = (alone.originals, alone.reconstructions, alone.drawn)
-    titles = ("training slice", "reconstruction", "bottom drawn given its top codes")
-    for row, (images, title) in enumerate(zip(rows, titles)):
-        for col, index in enumerate(shown):
-            axes[row, col].imshow(images[index, ..., 0], cmap="gray", vmin=0, vmax=1)
-            axes[row, col].axis("off")
-        axes[row, 0].set_title(title, loc="left", fontsize="medium")
-    if alone.heights is not None:
-        for col, index in enumerate(shown):
-            axes[0, col].text(0.02, 0.98, f"h = {alone.heights[index]:.2f}", color="white",
-                              va="top", fontsize="small", transform=axes[0, col].transAxes)
+    titles = ("training slices", "their reconstructions",
+              "their top codes with bottom codes the bottom prior drew given them")
+    # a subfigure a row, so that each row's title spans it without widening its first column
+    for row, (subfig, images, title) in enumerate(zip(fig.subfigures(len(rows), 1), rows,
+                                                        titles)):
+        subfig.suptitle(title, x=0.01, ha="left", fontsize="medium")
+        for ax, index in zip(subfig.subplots(1, len(shown)), shown):
+            ax.imshow(images[index, ..., 0], cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+            if row == 0 and alone.heights is not None:
+                ax.text(0.03, 0.97, f"h = {alone.heights[index]:.2f}", color="white", va="top",
+                        fontsize="x-small", transform=ax.transAxes)
     save_figure(fig, path)
     return fig
 
