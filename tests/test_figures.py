@@ -203,3 +203,20 @@ def test_samples_by_slice_labels_each_row_with_its_height(tmp_path, rng):
     assert (tmp_path / "by_slice.png").exists()
     rows = fig.axes[::2 * driver.IMAGES_PER_HEIGHT]
     assert [ax.get_ylabel() for ax in rows] == ["h = 1.00", "h = 0.50", "h = 0.00"]
+
+
+def test_the_bottom_prior_figure_shows_slices_spread_over_the_heights(tmp_path, rng):
+    count = 3 * driver.BOTTOM_ALONE_SHOWN
+    heights = rng.permutation(np.linspace(0, 1, count))
+    alone = driver.BottomAlone(images(rng, count), images(rng, count), images(rng, count),
+                               heights)
+    fig = driver.plot_bottom_prior(alone, tmp_path / "bottom_prior.png")
+    assert_written_legibly(fig, tmp_path / "bottom_prior.png")
+    rows = [subfig.axes for subfig in fig.subfigs]
+    assert [len(axes) for axes in rows] == [driver.BOTTOM_ALONE_SHOWN] * 3
+    labels = [float(ax.texts[0].get_text().removeprefix("h = ")) for ax in rows[0]]
+    assert labels[0] == 0 and labels[-1] == 1 and labels == sorted(labels)
+    # each column is one slice: its original, its reconstruction and its drawn detail
+    (first,) = np.flatnonzero(heights == 0)
+    for axes, shown in zip(rows, (alone.originals, alone.reconstructions, alone.drawn)):
+        np.testing.assert_array_equal(axes[0].images[0].get_array(), shown[first, ..., 0])
