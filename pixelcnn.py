@@ -19,6 +19,7 @@ where each code is: a learned embedding of its row and column added to its code'
 
 import abc
 import collections
+import math
 
 import keras
 import numpy as np
@@ -37,6 +38,8 @@ HEIGHT_KNOTS = 8
 # Residual blocks over the top codes in a prior conditioned on them: rosinality's VQ-VAE-2 bottom
 # prior runs three.
 TOP_BLOCKS = 3
+# The size of the causal self-attention's queries and keys: PixelSNAIL's.
+ATTENTION_KEY_DIM = 16
 
 
 def causal_mask(kernel_height, kernel_width, mask_type):
@@ -371,6 +374,91 @@ class NearestUpsample(layers.Layer):
         return (*bottom_shape[:3], features_shape[-1])
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CausalSelfAttention(layers.Layer):
+    """PixelSNAIL's causal self-attention (Chen et al. 2018), one head: features x (B, h, w, C)
+    -> x + W_o softmax(q k^T / sqrt(d_k)) v, where position i attends to every position j <= i in
+    raster order, with q, k, v = x W_q, x W_k, x W_v. A convolution stack plans a map only as far
+    as its reach; this lets each code read everything drawn before it.
+
+    Its input must already be causal (the features at j read only codes before j): then j <= i
+    keeps the output at i reading only codes before i. It reads every earlier position, rows
+    above included, so its reach is unbounded.
+
+    Args:
+        key_dim: d_k, the size of the queries and keys; the values keep the input's C channels.
+    """
+
+    rows_above = columns_left = columns_right = math.inf
+
+    def __init__(self, key_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.key_dim = key_dim
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.query, self.key = (
+            self.add_weight(name=name, shape=(channels, self.key_dim), initializer="glorot_uniform")
+            for name in ("query", "key"))
+        self.value, self.output_projection = (
+            self.add_weight(name=name, shape=(channels, channels), initializer="glorot_uniform")
+            for name in ("value", "output_projection"))
+
+    def keys_and_values(self, x):
+        return ops.matmul(x, self.key), ops.matmul(x, self.value)
+
+    def attend(self, x, blocks):
+        """x + W_o softmax(q k^T / sqrt(d_k)) v for queries x (B, n, C), the softmax taken over
+        the positions of all blocks (keys (B, m, d_k), values (B, m, C), allowed (n, m)) at
+        once, each position j counted where allowed is true."""
+        query = ops.matmul(x, self.query)
+        scores = [ops.where(allowed, ops.cast(ops.matmul(query, ops.swapaxes(keys, 1, 2)),
+                                              "float32") / math.sqrt(self.key_dim),
+                            -1e9)  # finite: -inf - -inf would be nan
+                  for keys, _, allowed in blocks]
+        weights = ops.softmax(ops.concatenate(scores, axis=-1), axis=-1)
+        if len(blocks) > 1:  # (the sampler's blocks, whose sizes are known)
+            weights = ops.split(weights, np.cumsum([block[0].shape[1] for block in blocks])[:-1],
+                                axis=-1)
+        else:
+            weights = [weights]
+        attended = sum(ops.matmul(ops.cast(weight, x.dtype), values)
+                       for weight, (_, values, _) in zip(weights, blocks))
+        return x + ops.matmul(attended, self.output_projection)
+
+    def call(self, x):
+        batch, height, width, channels = ops.shape(x)
+        flat = ops.reshape(x, (batch, height * width, channels))
+        keys, values = self.keys_and_values(flat)
+        position = ops.arange(height * width)
+        allowed = position[:, None] >= position[None, :]  # j <= i
+        return ops.reshape(self.attend(flat, [(keys, values, allowed)]), ops.shape(x))
+
+    def at_position(self, x, row, col, above, in_row):
+        """The output at (row, col) of a map computed in raster order, for x (B, 1, 1, C) there.
+        above: the keys (B, h, w, d_k) and values (B, h, w, C) of the rows above (any values
+        below); in_row: those of the row's columns (B, w, ..), right of col unused. Returns the
+        output (B, 1, 1, C) and in_row with this position's keys and values written in."""
+        x = x[:, 0]  # (B, 1, C)
+        keys, values = above
+        height, width = keys.shape[1:3]
+        here = ops.cast(ops.arange(width) == col, x.dtype)[None, :, None]  # (1, w, 1)
+        in_row = tuple(cache * (1 - here) + here * new
+                       for cache, new in zip(in_row, self.keys_and_values(x)))
+        flat = [ops.reshape(cache, (-1, height * width, cache.shape[-1])) for cache in above]
+        output = self.attend(x, [(*flat, ops.arange(height * width)[None] < row * width),
+                                 (*in_row, ops.arange(width)[None] <= col)])
+        return output[:, :, None], in_row
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(key_dim=self.key_dim)
+        return config
+
+
 def check_multiple(grid_shape, top_grid, who):
     """Refuses a bottom grid that is not a whole multiple of the top grid along each axis."""
     if any(size % top for size, top in zip(grid_shape, top_grid)):
@@ -469,7 +557,7 @@ def vertical_stack(filters, residual_blocks, dilation_cycle, conditional=False, 
 
 
 def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, dilation_cycle,
-                     conditional=False, on_top=False, dropout=0.0):
+                     conditional=False, on_top=False, dropout=0.0, attention=False):
     """The horizontal stack and the output layers: the embedded codes, the vertical stack's
     maps (and, when conditional, the embedded heights; when on_top, the top codes' features)
     -> logits (B, h, w, K). A position reads
@@ -479,7 +567,8 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
     Each gated layer computes tanh(W_f * x + V_f^T h) * sigmoid(W_g * x + V_g^T h) (eq. 2, or
     eq. 4 when conditional) on the sum of its masked 1xk convolution and the vertical map, then a
     1x1 skip output and, after the first, a residual connection; `dropout` drops the gate's
-    outputs in training.
+    outputs in training. With `attention`, the sum of the skip outputs passes through
+    `CausalSelfAttention` before the output layers.
     """
     embedded = keras.Input(shape=(None, None, filters), name="horizontal_input")
     links = [keras.Input(shape=(None, None, 2 * filters), name=f"gated{layer}_link_input")
@@ -504,6 +593,8 @@ def horizontal_stack(num_embeddings, filters, residual_blocks, output_layers, di
             horizontal = (layers.Add(name=f"{name}_add")([horizontal, residual]) if layer
                           else residual)
     x = layers.Add(name="skips")(skips) if len(skips) > 1 else skips[0]
+    if attention:
+        x = CausalSelfAttention(ATTENTION_KEY_DIM, name="attention")(x)
     logits = output_head(x, num_embeddings, filters, output_layers)
     inputs = [embedded, *links] + [x for x in (height, top) if x is not None]
     return keras.Model(inputs, logits, name="horizontal_stack")
@@ -524,7 +615,7 @@ CONDITIONS = ("none", "slice")
 
 def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind,
                    dilation_cycle, condition="none", positions=None, top_embeddings=None,
-                   top_grid=None, dropout=0.0):
+                   top_grid=None, dropout=0.0, attention=False):
     """A PixelCNN prior: code maps (B, h, w) -> logits (B, h, w, K). Conditioned, it takes
     [code maps, relative heights (B,) in [0, 1] (condition "slice"), top code maps (B, th, tw)
     (top_grid)], those it is conditioned on, in this order. driver.py's flags hold the defaults.
@@ -549,6 +640,9 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
             projection of them is added before every gate of both stacks; gated priors only.
         dropout: the rate at which each block drops its activations in training (`dropped`); 0,
             the PixelCNN paper's, drops none.
+        attention: whether the horizontal stack ends in PixelSNAIL's causal self-attention
+            (`CausalSelfAttention`), so that each code reads every code before it, not only
+            those in the stacks' reach; gated priors only.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -565,6 +659,8 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
     if (top_embeddings is None) != (top_grid is None):
         raise ValueError("a prior conditioned on top codes needs both top_embeddings and "
                          f"top_grid, got {top_embeddings!r} and {top_grid!r}")
+    if attention and kind != "gated":
+        raise ValueError(f"attention needs the gated prior, got kind {kind!r}")
     if top_grid is not None and kind != "gated":
         raise ValueError(f"top codes need the gated prior, got kind {kind!r}")
     if top_grid is not None and positions is not None:
@@ -595,7 +691,7 @@ def build_pixelcnn(num_embeddings, filters, residual_blocks, output_layers, kind
         links = keras.tree.flatten(vertical([embedded, *embedded_heights, *top]))
         logits = horizontal_stack(
             num_embeddings, filters, residual_blocks, output_layers, dilation_cycle, conditional,
-            bool(top), dropout,
+            bool(top), dropout, attention,
         )([embedded, *links, *embedded_heights, *top])
     else:
         stack = plain_stack(embedded, filters, residual_blocks, dilation_cycle, dropout)
@@ -808,7 +904,7 @@ class RasterSteps(abc.ABC):
                 logits, row_state = steps.logits_at(codes, row, col, row_state, conditions)
                 drawn = <a code (B,) drawn from logits (B, K)>; codes[:, row, col] = drawn
                 row_state = steps.after_draw(row_state, row, col, drawn)
-            map_state = steps.end_row(codes, row, map_state, conditions)
+            map_state = steps.end_row(codes, row, map_state, row_state, conditions)
 
     codes (B, h, w) int32 holds the codes drawn so far, 0 where none is drawn yet; heights
     (B,) are a conditional prior's relative heights (zeros for an unconditional one); top_codes
@@ -840,7 +936,7 @@ class RasterSteps(abc.ABC):
         """The row_state once the codes `drawn` (B,) are written at (row, col)."""
         return row_state
 
-    def end_row(self, codes, row, map_state, conditions):
+    def end_row(self, codes, row, map_state, row_state, conditions):
         """The map_state once every code of the row is drawn."""
         return map_state
 
@@ -895,18 +991,22 @@ def _run_on(steps, values):
     return values
 
 
-def _run_at(steps, values, method, earlier):
+def _run_at(steps, values, method, earlier, attend=None):
     """Runs a model's layers at one position (a row, or a column of a row) of their outputs.
     `values` holds the inputs there, by layer name, and receives every layer's output there;
     a layer whose output it already holds (see `_run_on`) is not run again. A layer that reads
     other positions has `method` (at_row or at_column), which asks earlier(source, n) for its
-    input n positions back, or takes values[source] for n = 0; every other layer must be
-    pointwise."""
+    input n positions back, or takes values[source] for n = 0; a CausalSelfAttention, which
+    reads every earlier position, is run by attend(layer, its input here); every other layer
+    must be pointwise."""
     for step in steps:
         layer = step.layer
         if isinstance(layer, layers.InputLayer) or layer.name in values:
             continue
-        if hasattr(layer, method):
+        if isinstance(layer, CausalSelfAttention) and attend is not None:
+            (source,) = step.reads
+            values[layer.name] = attend(layer, values[source])
+        elif hasattr(layer, method):
             (source,) = step.reads
             values[layer.name] = getattr(layer, method)(
                 lambda n, source=source: values[source] if n == 0 else earlier(source, n))
@@ -951,7 +1051,9 @@ class _GatedSteps(RasterSteps):
       and a finished row's outputs join them (end_row);
     - the horizontal stack runs one code at a time (logits_at); the row_state keeps the
       vertical stack's links into the row, its layers' outputs at the codes left of it that a
-      later code reads, and the drawn codes' embeddings (after_draw).
+      later code reads, and the drawn codes' embeddings (after_draw);
+    - a causal self-attention keeps the keys and values of every position it has run at: of
+      the finished rows in the map_state, of the row's codes so far in the row_state.
 
     What the prior is conditioned on enters once: the heights' projections, the same at every
     position, before the loops; the top codes' features too, on the top grid, then each row
@@ -991,6 +1093,8 @@ class _GatedSteps(RasterSteps):
         self.columns_back = _reads_back(self.horizontal_steps, "at_column",
                                         lambda layer: layer.columns_left)
         self.pad = max(self.columns_back.values())  # zero columns left of the row
+        self.attentions = [step.layer for step in self.horizontal_steps
+                           if isinstance(step.layer, CausalSelfAttention)]
 
     def channels(self, model, name):
         return model.get_layer(name).output.shape[-1]
@@ -1019,12 +1123,21 @@ class _GatedSteps(RasterSteps):
         above = row // (self.height // features.shape[1])  # the top row that covers it
         return self.top_upsample.to_grid(features[:, above : above + 1], (1, self.width))
 
-    def begin_map(self, codes):
-        """For each vertical layer a later row reads: its outputs at the rows above (zeros
-        above the map), (B, rows back, w, C)."""
+    def attention_cache(self, codes, grid_shape):
+        """For each causal self-attention: zero keys and values (B, *grid_shape, d_k or C)."""
         batch = tf.shape(codes)[0]
-        return {name: tf.zeros((batch, back, self.width, self.channels(self.vertical, name)))
+        return {layer.name: tuple(tf.zeros((batch, *grid_shape, weights.shape[-1]))
+                                  for weights in (layer.key, layer.value))
+                for layer in self.attentions}
+
+    def begin_map(self, codes):
+        """rows: for each vertical layer a later row reads, its outputs at the rows above (zeros
+        above the map), (B, rows back, w, C); attention: each attention's keys and values of the
+        finished rows (zeros for the others)."""
+        batch = tf.shape(codes)[0]
+        rows = {name: tf.zeros((batch, back, self.width, self.channels(self.vertical, name)))
                 for name, back in self.rows_back.items()}
+        return {"rows": rows, "attention": self.attention_cache(codes, (self.height, self.width))}
 
     def vertical_row(self, codes, row, map_state, conditions):
         """The vertical stack's outputs at `row`, from the codes there."""
@@ -1033,13 +1146,14 @@ class _GatedSteps(RasterSteps):
         if self.vertical_top is not None:
             values[self.vertical_top] = self.top_row(conditions, row)
         return _run_at(self.vertical_steps, values, "at_row",
-                       lambda source, n: map_state[source][:, -n, None])
+                       lambda source, n: map_state["rows"][source][:, -n, None])
 
     def start_row(self, codes, row, map_state, conditions):
         """The vertical stack's links into this row, (B, w, 2F) each, which read only rows
         above it (so the row's undrawn codes, still 0, do not matter); and for each horizontal
-        layer a later code reads, an array of its outputs at the row's columns; and the
-        horizontal stack's projections of the row's top features, (B, 1, w, 2F) each."""
+        layer a later code reads, an array of its outputs at the row's columns; the horizontal
+        stack's projections of the row's top features, (B, 1, w, 2F) each; and each attention's
+        keys and values, of the rows above and (none yet) of this row."""
         values = self.vertical_row(codes, row, map_state, conditions)
         links = [values[name][:, 0] for name in self.links]
         batch = tf.shape(codes)[0]
@@ -1053,7 +1167,10 @@ class _GatedSteps(RasterSteps):
             history[name] = array
         top = ({} if self.horizontal_top is None else _run_on(
             self.horizontal_steps, {self.horizontal_top: self.top_row(conditions, row)}))
-        return {"links": links, "history": history, "top": top}
+        in_row = self.attention_cache(codes, (self.width,))
+        attention = {name: {"above": above, "row": in_row[name]}
+                     for name, above in map_state["attention"].items()}
+        return {"links": links, "history": history, "top": top, "attention": attention}
 
     def logits_at(self, codes, row, col, row_state, conditions):
         history = row_state["history"]
@@ -1066,12 +1183,21 @@ class _GatedSteps(RasterSteps):
         # never reads.
         values[self.embedded_input] = tf.zeros(
             (tf.shape(codes)[0], 1, 1, self.embedding.output_dim))
+        attention = dict(row_state["attention"])
+
+        def attend(layer, x):
+            cache = attention[layer.name]
+            output, in_row = layer.at_position(x, row, col, cache["above"], cache["row"])
+            attention[layer.name] = {**cache, "row": in_row}
+            return output
+
         values = _run_at(self.horizontal_steps, values, "at_column",
-                         lambda source, n: history[source].read(col - n + self.pad))
+                         lambda source, n: history[source].read(col - n + self.pad), attend)
         history = {name: array if name == self.embedded_input
                    else array.write(col + self.pad, values[name])
                    for name, array in history.items()}
-        return values[self.logits][:, 0, 0], {**row_state, "history": history}  # (B, K)
+        return values[self.logits][:, 0, 0], {**row_state, "history": history,  # (B, K)
+                                              "attention": attention}
 
     def after_draw(self, row_state, row, col, drawn):
         history = dict(row_state["history"])
@@ -1079,13 +1205,19 @@ class _GatedSteps(RasterSteps):
             col + self.pad, self.embedded(drawn[:, None, None], row, col))
         return {**row_state, "history": history}
 
-    def end_row(self, codes, row, map_state, conditions):
-        """The finished row's vertical outputs join the rows above."""
+    def end_row(self, codes, row, map_state, row_state, conditions):
+        """The finished row's vertical outputs join the rows above, and its attention keys and
+        values those of the finished rows."""
         values = self.vertical_row(codes, row, map_state, conditions)
         # (the shape restated: the loop that carries it needs the window's height fixed)
-        return {name: tf.ensure_shape(ops.concatenate([rows[:, 1:], values[name]], axis=1),
-                                      rows.shape)
-                for name, rows in map_state.items()}
+        rows = {name: tf.ensure_shape(ops.concatenate([above[:, 1:], values[name]], axis=1),
+                                      above.shape)
+                for name, above in map_state["rows"].items()}
+        here = tf.cast(tf.range(self.height) == row, tf.float32)[None, :, None, None]
+        attention = {name: tuple(cache * (1 - here) + here * in_row[:, None]
+                                 for cache, in_row in zip(state["above"], state["row"]))
+                     for name, state in row_state["attention"].items()}
+        return {"rows": rows, "attention": attention}
 
 
 def sample_codes(prior, num_samples, grid_shape, temperature=1.0, seed=0, heights=None,
@@ -1135,7 +1267,7 @@ def code_sampler(prior, grid_shape, rows_done=None):
                 drawn = draw_codes(logits, temperature, seed, row * width + col)
                 codes = _write_codes(codes, row, col, drawn)
                 row_state = steps.after_draw(row_state, row, col, drawn)
-            map_state = steps.end_row(codes, row, map_state, conditions)
+            map_state = steps.end_row(codes, row, map_state, row_state, conditions)
             if rows_done is not None:
                 with tf.control_dependencies([codes]):  # once the row's codes are drawn
                     tf.py_function(lambda done: rows_done(int(done)), [row + 1], [])

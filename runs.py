@@ -39,7 +39,7 @@ PIXEL_MAX = 255.0
 SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
 LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "pcnn_mirror": False,
-                   "pcnn_dropout": 0.0,
+                   "pcnn_dropout": 0.0, "pcnn_attention": False,
                    "levels": 1, "reconstruction": "mse", "spectral_weight": 0.0,
                    "adversarial_weight": 0.0,
                    "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START,
@@ -227,6 +227,13 @@ class PriorConfig:
              "are nearly symmetric, and it doubles a small training set. The bottom prior takes "
              "the layout from the top codes and is not mirrored: that would double the run's "
              "longest step")
+    pcnn_attention: bool = setting(
+        False, action=argparse.BooleanOptionalAction,
+        help="the top prior (the only one with --levels 1) ends in PixelSNAIL's causal "
+             "self-attention (Chen et al. 2018), so that each code reads every code drawn "
+             "before it, not only those in the convolutions' reach; gated prior only. The bottom "
+             "prior takes the layout from the top codes and has none: over its 4x larger map "
+             "attention would cost 16x")
     pcnn_positions: str = setting(None, choices=("none", "learned"),
                                   help="learned: each code's embedding is added to a learned "
                                        "embedding of its row and column, so that the prior knows "
@@ -253,7 +260,8 @@ class PriorConfig:
             condition=self.condition,
             positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None,
             top_embeddings=None if top_grid is None else num_embeddings,
-            top_grid=None if top_grid is None else tuple(top_grid), dropout=self.pcnn_dropout)
+            top_grid=None if top_grid is None else tuple(top_grid), dropout=self.pcnn_dropout,
+            attention=self.pcnn_attention and top_grid is None)
 
 
 # Enough samples for a decisive two-sample test against OASIS's 544 test slices.

@@ -503,3 +503,74 @@ def test_a_positioned_prior_refuses_another_grid():
         pixelcnn.sample_codes(prior, 2, (GRID[0] + 1, GRID[1]))
     with pytest.raises(ValueError, match="gated"):
         pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="plain", dilation_cycle=1, positions=GRID)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attending prior (PixelSNAIL's causal self-attention at the end of the horizontal stack)
+
+
+def attending_prior(condition="none", grid=GRID):
+    keras.utils.set_random_seed(0)
+    return pixelcnn.build_pixelcnn(K, filters=8, residual_blocks=2, output_layers=1, kind="gated",
+                                   dilation_cycle=1, condition=condition, positions=grid,
+                                   attention=True)
+
+
+def test_causal_self_attention_computes_its_equation():
+    """x + W_o softmax(q k^T / sqrt(d_k)) v with position i attending to j <= i in raster order,
+    written out in numpy."""
+    layer = pixelcnn.CausalSelfAttention(key_dim=3)
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype("float32")
+    output = layer(x).numpy()
+    flat = x.reshape(2, 12, 5)
+    q, k, v = (flat @ w.numpy() for w in (layer.query, layer.key, layer.value))
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(3)
+    scores = np.where(np.tril(np.ones((12, 12), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = flat + weights @ v @ layer.output_projection.numpy()
+    np.testing.assert_allclose(output, expected.reshape(x.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_an_attending_code_reads_every_earlier_code_and_never_its_own_or_later(float64):
+    """Exact reach: a code moves the logits at the first later position whose convolutional
+    features read it (the next one, within a row) and at every position after that, and no
+    others; the convolutions alone do not reach along a row this long."""
+    grid = (3, 20)
+    prior = attending_prior(grid=grid)
+    assert pixelcnn.receptive_field(prior) == (np.inf,) * 3
+    codes = np.random.default_rng(1).integers(0, K, size=(1, *grid))
+    position = np.arange(np.prod(grid)).reshape(grid)
+    base = prior(codes).numpy()
+    for here, (row, col) in enumerate(np.ndindex(*grid)):
+        changed = codes.copy()
+        changed[0, row, col] = (codes[0, row, col] + 1) % K
+        changes = moved(prior(changed).numpy(), base)[0]
+        first = position[changes].min() if changes.any() else position.size
+        np.testing.assert_array_equal(changes, position >= first)
+        assert first == here + 1 if col + 1 < grid[1] else first > here, (row, col)
+    unattending = random_prior("gated", dilation_cycle=1, positions=grid)
+    changed = codes.copy()
+    changed[0, 0, 0] = (codes[0, 0, 0] + 1) % K
+    assert not moved(unattending(changed).numpy(), unattending(codes).numpy())[0, 0, -1]
+
+
+@pytest.mark.parametrize("condition", pixelcnn.CONDITIONS)
+def test_fast_sampler_draws_what_the_naive_loop_draws_with_attention(condition):
+    prior = attending_prior(condition)
+    heights = HEIGHTS if condition == "slice" else None
+    fast = pixelcnn.sample_codes(prior, len(HEIGHTS), GRID, seed=7, heights=heights).numpy()
+    naive = naive_codes(prior, len(HEIGHTS), GRID, seed=7, heights=heights).numpy()
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_attending_save_load_round_trip(tmp_path):
+    codes = np.random.default_rng(3).integers(0, K, size=(len(HEIGHTS), *GRID))
+    loaded = assert_round_trip(attending_prior("slice"), [codes, HEIGHTS], tmp_path)
+    assert isinstance(loaded.get_layer("horizontal_stack").get_layer("attention"),
+                      pixelcnn.CausalSelfAttention)
+
+
+def test_attention_needs_the_gated_prior():
+    with pytest.raises(ValueError, match="attention needs the gated prior"):
+        pixelcnn.build_pixelcnn(K, 8, 1, 1, kind="plain", dilation_cycle=1, attention=True)
