@@ -9,6 +9,7 @@ import pytest
 
 import data
 import driver
+import pixelcnn
 import runs
 
 
@@ -77,3 +78,17 @@ def test_a_moved_clone_resumes_its_run(tmp_path, monkeypatch):
     with pytest.raises(runs.PipelineError, match="data"):
         runs.prepare_checkpoints(checkpoints, settings_in_clone(tmp_path / "moved") | {
             "data": str(tmp_path / "other")}, False, False)
+
+
+def test_attention_goes_into_the_top_prior_only():
+    """--pcnn-attention: the top (or only) prior attends; the bottom prior, over a map four times
+    larger, does not."""
+    def attends(model):
+        return any(isinstance(layer, pixelcnn.CausalSelfAttention)
+                   for layer in model.get_layer("horizontal_stack").layers)
+
+    tiny = ["--pcnn-filters", "8", "--pcnn-res-blocks", "1"]
+    prior = driver.parse_args([*tiny, "--pcnn-attention"]).prior
+    assert attends(prior.build(8, (4, 4)))
+    assert not attends(prior.build(8, (8, 8), top_grid=(4, 4)))
+    assert not attends(driver.parse_args(tiny).prior.build(8, (4, 4)))
