@@ -41,6 +41,9 @@ def parse_args():
                              "2 ** (block %% CYCLE), driver.py's default output layers, "
                              "--condition and --pcnn-positions "
                              "(default: off)")
+    parser.add_argument("--attention", action="store_true",
+                        help="the --random-prior ends in a causal self-attention "
+                             "(driver.py's --pcnn-attention)")
     parser.add_argument("--batch", type=int, default=16, help="maps sampled at once (default: 16)")
     parser.add_argument("--grid", type=int, default=DEMO.data.image_size // DEMO.vqvae.downsample,
                         help="code map height and width (default: demo's)")
@@ -54,22 +57,22 @@ def parse_args():
     return parser.parse_args()
 
 
-def random_prior(num_embeddings, filters, blocks, cycle, grid, seed):
+def random_prior(num_embeddings, filters, blocks, cycle, grid, seed, attention):
     """(prior, description): a gated prior with random weights, driver.py's default output
     layers, condition and positions, on grid x grid code maps."""
     keras.utils.set_random_seed(seed)
     config = runs.PriorConfig(pcnn_type="gated", pcnn_filters=filters, pcnn_res_blocks=blocks,
-                              pcnn_dilation_cycle=cycle)
+                              pcnn_dilation_cycle=cycle, pcnn_attention=attention)
     prior = config.build(num_embeddings, (grid, grid))
     return prior, (f"random weights, K={num_embeddings}, {filters} filters, {blocks} blocks, "
                    f"dilation cycle {cycle}, condition {config.condition}, positions "
-                   f"{config.pcnn_positions}")
+                   f"{config.pcnn_positions}, attention {'on' if attention else 'off'}")
 
 
 def load_prior(args):
     """(prior, description): the --random-prior or the --checkpoint."""
     if args.random_prior:
-        return random_prior(*args.random_prior, args.grid, args.seed)
+        return random_prior(*args.random_prior, args.grid, args.seed, args.attention)
     if not args.checkpoint.exists():
         sys.exit(f"sampling.py: error: no prior at {args.checkpoint}; run python driver.py --demo "
                  "first, or pass --checkpoint or --random-prior")
