@@ -374,6 +374,14 @@ class NearestUpsample(layers.Layer):
         return (*bottom_shape[:3], features_shape[-1])
 
 
+def written_at(cache, index, new, axis):
+    """cache with `new` in place of its slice `index` along `axis` (new has size 1 there): a
+    one-hot blend, so that the sampler's compiled loops carry tensors of one fixed shape."""
+    here = ops.cast(ops.arange(cache.shape[axis]) == index, cache.dtype)
+    here = ops.reshape(here, [-1 if dim == axis else 1 for dim in range(len(cache.shape))])
+    return cache * (1 - here) + here * new
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class CausalSelfAttention(layers.Layer):
     """PixelSNAIL's causal self-attention (Chen et al. 2018), one head: features x (B, h, w, C)
@@ -442,8 +450,7 @@ class CausalSelfAttention(layers.Layer):
         x = x[:, 0]  # (B, 1, C)
         keys, values = above
         height, width = keys.shape[1:3]
-        here = ops.cast(ops.arange(width) == col, x.dtype)[None, :, None]  # (1, w, 1)
-        in_row = tuple(cache * (1 - here) + here * new
+        in_row = tuple(written_at(cache, col, new, axis=1)
                        for cache, new in zip(in_row, self.keys_and_values(x)))
         flat = [ops.reshape(cache, (-1, height * width, cache.shape[-1])) for cache in above]
         output = self.attend(x, [(*flat, ops.arange(height * width)[None] < row * width),
@@ -1213,8 +1220,7 @@ class _GatedSteps(RasterSteps):
         rows = {name: tf.ensure_shape(ops.concatenate([above[:, 1:], values[name]], axis=1),
                                       above.shape)
                 for name, above in map_state["rows"].items()}
-        here = tf.cast(tf.range(self.height) == row, tf.float32)[None, :, None, None]
-        attention = {name: tuple(cache * (1 - here) + here * in_row[:, None]
+        attention = {name: tuple(written_at(cache, row, in_row[:, None], axis=1)
                                  for cache, in_row in zip(state["above"], state["row"]))
                      for name, state in row_state["attention"].items()}
         return {"rows": rows, "attention": attention}
