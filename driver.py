@@ -68,6 +68,7 @@ HEIGHT_ROWS = 8  # heights (rows) in samples_by_slice.png
 IMAGES_PER_HEIGHT = 3  # real slices, and samples, in each of its rows
 VQVAE_NAME = "VQ-VAE"
 PRIOR_NAMES = ("PixelCNN", "bottom PixelCNN")  # each code level's, top first
+LEVEL_NAMES = ("top", "bottom")  # of the code levels, top first
 REAL_TOPS_SEED = b"bottom codes given real top codes"  # a position of derived_seed's
 
 
@@ -106,8 +107,10 @@ class ValidationQuality(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         originals, reconstructed = evaluation.reconstructions(self.model, self.images, self.shift)
         logs["val_ssim"] = evaluation.reconstruction_metrics(originals, reconstructed)["test_ssim"]
-        for level, codes in zip(evaluation.LEVEL_PREFIXES, data.encode(self.model, self.images)):
-            counts = evaluation.code_counts(codes, self.model.num_embeddings)
+        for level, codes, num_embeddings in zip(evaluation.LEVEL_PREFIXES,
+                                                data.encode(self.model, self.images),
+                                                self.model.codebook_sizes):
+            counts = evaluation.code_counts(codes, num_embeddings)
             logs.update({f"val_{level}{name}": value
                          for name, value in evaluation.codebook_metrics(counts).items()})
 
@@ -155,10 +158,12 @@ def train_prior(codes, heights, top, settings, checkpoints, strategy):
     print(f"Training the {config.pcnn_type} PixelCNN (condition: {config.condition}{given_top}) "
           f"for {config.pcnn_epochs} epochs on {len(train_codes)} code maps of "
           f"{train_codes.shape[1]}x{train_codes.shape[2]}{mirrored}")
-    seed_model(given.seed, PRIOR_NAMES[0 if top is None else 1])
+    level = 0 if top is None else 1
+    seed_model(given.seed, PRIOR_NAMES[level])
+    codebook_sizes = settings.vqvae.codebook_sizes
     with strategy.scope():
-        prior = config.build(settings.vqvae.K, train_codes.shape[1:],
-                             None if top is None else train_top.shape[1:])
+        prior = config.build(codebook_sizes[level], train_codes.shape[1:],
+                             None if top is None else train_top.shape[1:], codebook_sizes[0])
         prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     runs.fit(prior, data.code_dataset(train_codes, train_heights, given.batch_size, given.seed,
@@ -281,7 +286,7 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
     A conditional prior's NLL is conditional, and its samples are also compared with the real
     slices at their heights. With two code levels, also the bottom prior alone
     (`bottom_prior_realism`) and what it drew (a BottomAlone; None with one level)."""
-    shift, seed, num_embeddings = settings.data.shift, settings.data.seed, settings.vqvae.K
+    shift, seed, codebook_sizes = settings.data.shift, settings.data.seed, model.codebook_sizes
     sampled = draws[0]
     originals, reconstructed = evaluation.reconstructions(model, splits.scaled("test"), shift)
     train_pixels = splits.pixels("train")
@@ -308,14 +313,13 @@ def evaluate(model, priors, splits, draws, codes, heights, settings):
         "vqvae": {
             **evaluation.reconstruction_metrics(originals, reconstructed),
             **evaluation.codebook_metrics_by_level([level["test"] for level in codes],
-                                                   originals, num_embeddings),
+                                                   originals, codebook_sizes),
             **evaluation.two_sample_metrics(reconstructions_vs_real, "c2st_reconstructions",
                                             "anatomy_reconstructions"),
         },
         "pixelcnn": {
             **evaluation.prior_metrics_by_level(priors, codes, heights["test"],
-                                                settings.data.batch_size, num_embeddings),
-            "uniform_bits": math.log2(num_embeddings),
+                                                settings.data.batch_size, codebook_sizes),
         },
         "samples": {
             "n_real": len(originals),
@@ -413,8 +417,9 @@ def plot_losses(vq_history, prior_histories, path, unigram_bits=(), reconstructi
     return fig
 
 
-def plot_validation_quality(history, num_embeddings, path):
-    """Validation SSIM and, in histories that track it, codebook use per epoch."""
+def plot_validation_quality(history, codebook_sizes, path):
+    """Validation SSIM and, in histories that track it, codebook use per epoch (of each level's
+    codebook of codebook_sizes codes, top first)."""
     tracks_codebook = "val_codes_used" in history  # not in checkpoints of earlier versions
     fig = Figure(figsize=(runs.FIGURE_WIDTH if tracks_codebook else runs.FIGURE_WIDTH / 2, 3),
                  layout="constrained")
@@ -425,7 +430,8 @@ def plot_validation_quality(history, num_embeddings, path):
     runs.epoch_axis(ssim_axis)
     if tracks_codebook:
         codebook_axis = codebook_axes[0]
-        for level, style in zip(evaluation.LEVEL_PREFIXES, ("-", "--")):
+        for level, style, num_embeddings in zip(evaluation.LEVEL_PREFIXES, ("-", "--"),
+                                                codebook_sizes):
             if f"val_{level}codes_used" not in history:  # one level
                 continue
             name = level.replace("_", " ")
@@ -434,7 +440,9 @@ def plot_validation_quality(history, num_embeddings, path):
             codebook_axis.plot(epochs, np.array(history[f"val_{level}codebook_perplexity"])
                                / num_embeddings, style, marker="o", color="C1",
                                label=f"{name}perplexity / K")
-        codebook_axis.set(title=f"validation codebook use (K = {num_embeddings})",
+        sizes = (f"K = {codebook_sizes[0]}" if len(set(codebook_sizes)) == 1 else
+                 ", ".join(f"K = {size} {name}" for size, name in zip(codebook_sizes, LEVEL_NAMES)))
+        codebook_axis.set(title=f"validation codebook use ({sizes})",
                           ylabel="share of K", ylim=(0, 1.05))
         runs.epoch_axis(codebook_axis)
         codebook_axis.legend()
@@ -628,7 +636,8 @@ def write_figures(model, splits, histories, sampled, codes, statistics, memorise
     logs ({metric: [value per epoch]}, None for checkpoints without a history file),
     `memorised` what `evaluate` found of the samples nearest to a training slice, and
     `bottom_alone` what it drew of the bottom prior alone (two code levels)."""
-    out, shift, num_embeddings = settings.out, settings.data.shift, settings.vqvae.K
+    out, shift = settings.out, settings.data.shift
+    top_embeddings = model.codebook_sizes[0]  # the code maps shown are the top level's
     vq_history, *prior_histories = histories
     if vq_history or any(prior_histories):
         unigram_bits = [metrics["pixelcnn"][f"{level}unigram_bits"]
@@ -636,23 +645,23 @@ def write_figures(model, splits, histories, sampled, codes, statistics, memorise
         plot_losses(vq_history, prior_histories, out / "loss_plot.png", unigram_bits,
                     settings.vqvae.reconstruction)
     if vq_history:
-        plot_validation_quality(vq_history, num_embeddings, out / "ssim_plot.png")
+        plot_validation_quality(vq_history, model.codebook_sizes, out / "ssim_plot.png")
     examples = next(iter(splits.scaled("validate").unbatch().batch(FIGURE_EXAMPLES)))
     reconstructions = evaluation.to_unit_range(model(examples), shift)
     originals = evaluation.to_unit_range(examples, shift)
     plot_codebook_results(originals.numpy(), data.encode(model, [examples])[0],
                           reconstructions.numpy(),
-                          evaluation.ssim(originals, reconstructions).numpy(), num_embeddings,
+                          evaluation.ssim(originals, reconstructions).numpy(), top_embeddings,
                           out / "codebook_results.png")
     # spread over the samples: a conditional run draws them in order of height
     shown = np.linspace(0, len(sampled.codes) - 1, SAMPLES_SHOWN).round().astype(int)
     plot_samples(sampled.codes[shown], sampled.images[shown],
-                 None if sampled.heights is None else sampled.heights[shown], num_embeddings,
+                 None if sampled.heights is None else sampled.heights[shown], top_embeddings,
                  out / "samples.png")
     if sampled.heights is not None:
         plot_samples_by_slice(splits.unit_range("test"), splits.heights("test"), sampled.images,
                               sampled.heights, out / "samples_by_slice.png")
-    plot_codebook_usage(evaluation.code_counts(codes[0]["test"], num_embeddings),
+    plot_codebook_usage(evaluation.code_counts(codes[0]["test"], top_embeddings),
                         out / "codebook_usage.png")
     plot_realism(statistics, metrics["samples"]["anatomy"], out / "realism.png")
     plot_memorisation(*memorised, metrics["samples"]["test_nn_ssim_p99"],

@@ -161,11 +161,11 @@ def brain_codebook_perplexity(codes, images, num_embeddings):
 LEVEL_PREFIXES = ("", "bottom_")  # of each code level's metrics, top first
 
 
-def codebook_metrics_by_level(codes, images, num_embeddings):
-    """How each level's codebook is used on code maps (one array per level, top first) of
-    images in [0, 1]."""
+def codebook_metrics_by_level(codes, images, codebook_sizes):
+    """How each level's codebook (of codebook_sizes codes) is used on code maps (one array per
+    level, top first) of images in [0, 1]."""
     metrics = {}
-    for prefix, level in zip(LEVEL_PREFIXES, codes):
+    for prefix, level, num_embeddings in zip(LEVEL_PREFIXES, codes, codebook_sizes):
         brain_share = brain_code_positions(images, level.shape[1:]).mean()
         metrics |= {prefix + name: value for name, value in {
             **codebook_metrics(code_counts(level, num_embeddings)),
@@ -174,16 +174,18 @@ def codebook_metrics_by_level(codes, images, num_embeddings):
     return metrics
 
 
-def prior_metrics_by_level(priors, codes, test_heights, batch_size, num_embeddings):
+def prior_metrics_by_level(priors, codes, test_heights, batch_size, codebook_sizes):
     """Each level's prior on the test code maps (the bottom's given the top's), beside the code
-    entropy on the training split, which a prior without context reaches. `codes` holds a
-    {split: code maps} per level, top first."""
+    entropy on the training split, which a prior without context reaches, and log2 K, which a
+    uniform guess costs. `codes` holds a {split: code maps} per level, top first."""
     metrics = {}
-    for prefix, prior, level, top in zip(LEVEL_PREFIXES, priors, codes, [None, *codes]):
+    for prefix, prior, level, top, num_embeddings in zip(LEVEL_PREFIXES, priors, codes,
+                                                         [None, *codes], codebook_sizes):
         metrics[prefix + "test_nll_bits"] = prior_nll_bits(
             prior, level["test"], batch_size, test_heights, None if top is None else top["test"])
         metrics[prefix + "unigram_bits"] = entropy_bits(code_counts(level["train"],
                                                                     num_embeddings))
+        metrics[prefix + "uniform_bits"] = math.log2(num_embeddings)
     return metrics
 
 

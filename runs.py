@@ -39,7 +39,7 @@ PIXEL_MAX = 255.0
 SETTINGS_FILE = "settings.json"
 # What models saved before a setting existed were trained with.
 LEGACY_SETTINGS = {"condition": "none", "pcnn_positions": "none", "pcnn_mirror": False,
-                   "pcnn_dropout": 0.0, "pcnn_attention": False,
+                   "pcnn_dropout": 0.0, "pcnn_attention": False, "top_K": None,
                    "levels": 1, "reconstruction": "mse", "spectral_weight": 0.0,
                    "adversarial_weight": 0.0,
                    "discriminator_start": vqvae.VQGAN_DISCRIMINATOR_START,
@@ -125,7 +125,12 @@ class DataConfig:
 class VQVAEConfig:
     """The VQ-VAE and its training."""
 
-    K: int = setting(128, type=positive_int, help="K, the number of codebook vectors")
+    K: int = setting(128, type=positive_int,
+                     help="K, the number of codebook vectors (the bottom level's with --levels 2)")
+    top_K: int = setting(None, type=positive_int,
+                         help="K of the top level's codebook with --levels 2: fewer codes leave "
+                              "the top level the layout and the bottom level the texture "
+                              "(default: --K, as in VQ-VAE-2)")
     D: int = setting(16, type=positive_int, help="D, the size of each codebook vector")
     beta: float = setting(1.5, type=non_negative_float,
                           help="beta, the commitment loss weight of eq. 3")
@@ -177,8 +182,9 @@ class VQVAEConfig:
 
     def build(self, pixel_range, data_variance):
         """The VQ-VAE (VQ-VAE-2 with two levels), uncompiled."""
+        levels = {"top_num_embeddings": self.top_K} if self.levels == 2 else {}
         model = vqvae.VQVAE2 if self.levels == 2 else vqvae.VQVAE
-        return model(self.K, self.D, beta=self.beta, data_variance=data_variance,
+        return model(self.K, self.D, beta=self.beta, data_variance=data_variance, **levels,
                      pixel_range=pixel_range, downsample=self.downsample,
                      quantizer=self.quantizer, ema_decay=self.ema_decay,
                      restart_threshold=self.restart_threshold,
@@ -186,6 +192,11 @@ class VQVAEConfig:
                      adversarial_weight=self.adversarial_weight,
                      discriminator_start=self.discriminator_start,
                      discriminator_learning_rate=self.discriminator_learning_rate)
+
+    @property
+    def codebook_sizes(self):
+        """K of each level's codebook, top first."""
+        return (self.top_K or self.K, self.K) if self.levels == 2 else (self.K,)
 
 
 @dataclass(frozen=True)
@@ -251,15 +262,16 @@ class PriorConfig:
     def conditional(self):
         return self.condition == "slice"
 
-    def build(self, num_embeddings, grid_shape, top_grid=None):
-        """The prior over code maps of grid_shape (rows, columns), uncompiled; with top_grid,
-        VQ-VAE-2's bottom prior, conditioned on top code maps of that grid."""
+    def build(self, num_embeddings, grid_shape, top_grid=None, top_embeddings=None):
+        """The prior over code maps of grid_shape (rows, columns) of num_embeddings codes,
+        uncompiled; with top_grid, VQ-VAE-2's bottom prior, conditioned on top code maps of that
+        grid of top_embeddings codes (num_embeddings by default)."""
         return pixelcnn.build_pixelcnn(
             num_embeddings, self.pcnn_filters, self.pcnn_res_blocks, self.pcnn_layers,
             kind=self.pcnn_type, dilation_cycle=self.pcnn_dilation_cycle,
             condition=self.condition,
             positions=tuple(grid_shape) if self.pcnn_positions == "learned" else None,
-            top_embeddings=None if top_grid is None else num_embeddings,
+            top_embeddings=None if top_grid is None else top_embeddings or num_embeddings,
             top_grid=None if top_grid is None else tuple(top_grid), dropout=self.pcnn_dropout,
             attention=self.pcnn_attention and top_grid is None)
 
@@ -465,6 +477,8 @@ class Settings:
         if vq.levels == 2 and vq.downsample < 4:
             yield "--levels", (f"2 needs --downsample >= 4 (the bottom grid's), got "
                                f"{vq.downsample}; use --levels 1")
+        if vq.levels == 1 and vq.top_K is not None:
+            yield "--top-K", "there is no top level with --levels 1; use --K"
         if vq.levels == 2 and prior.pcnn_type != "gated":
             yield "--levels", ("2 needs --pcnn-type gated (the bottom prior reads the top codes); "
                                "use --levels 1")

@@ -695,6 +695,11 @@ class VQVAE(keras.Model):
         z_e = self.encoder(images, training=training)
         return self.decoder(self.quantizer(z_e, training=training))
 
+    @property
+    def codebook_sizes(self):
+        """K of each level's codebook, top first: one level here."""
+        return (self.num_embeddings,)
+
     def encode_to_indices(self, images):
         """Images (B, H, W, 1) -> code maps (B, H/s, W/s) of codes in [0, K), s = downsample."""
         return self.quantizer.code_indices(self.encoder(images))
@@ -873,17 +878,19 @@ class VQVAE2(VQVAE):
 
     E_bottom, VQ_bottom and D are the one-level model's encoder, quantizer and decoder at
     downsample / 2 (`encoder`, `quantizer`, `decoder`); the top level adds `top_encoder`,
-    `top_quantizer` (a quantizer of the same kind, K and D) and `top_decoder`. Training is the
+    `top_quantizer` (a quantizer of the same kind and D) and `top_decoder`. Training is the
     one-level model's: its reconstruction losses, with eq. 3's quantizer terms summed over both
     levels (`vq_loss`, also logged per level as `top_vq_loss` and `bottom_vq_loss`).
 
-    Args: those of `VQVAE`; `downsample`, the top grid's, must be at least 4.
+    Args: those of `VQVAE`, whose `num_embeddings` is the bottom codebook's K; `downsample`, the
+    top grid's, must be at least 4; `top_num_embeddings`, the top codebook's K (VQ-VAE-2's two
+    levels share K = 512: `num_embeddings`, by default).
     """
 
     levels = 2
 
     def __init__(self, num_embeddings, embedding_dim, *, pixel_range,
-                 downsample=PAPER_DOWNSAMPLE, **kwargs):
+                 downsample=PAPER_DOWNSAMPLE, top_num_embeddings=None, **kwargs):
         downsampling_filters(downsample)  # refuses a downsample that is not a power of 2
         if downsample < 4:
             raise ValueError("a two-level model needs downsample >= 4 (its bottom codes are at "
@@ -892,9 +899,11 @@ class VQVAE2(VQVAE):
                          downsample=downsample // 2, **kwargs)
         # the parent built the bottom level at downsample / 2; the model's grid is the top's
         self.downsample = downsample
+        self.top_num_embeddings = top_num_embeddings or num_embeddings
         self.top_encoder = build_top_encoder(embedding_dim)
         self.top_quantizer = self.quantizer.from_config(
-            {**self.quantizer.get_config(), "name": "top_quantizer"})
+            {**self.quantizer.get_config(), "num_embeddings": self.top_num_embeddings,
+             "name": "top_quantizer"})
         self.top_decoder = build_top_decoder(embedding_dim)
         self.bottom_join = layers.Conv2D(embedding_dim, 1, name="bottom_join")
         self.top_upsample = layers.Conv2DTranspose(
@@ -902,6 +911,13 @@ class VQVAE2(VQVAE):
         self.decoder_join = layers.Conv2D(embedding_dim, 1, name="decoder_join")
         self.top_vq_loss_tracker = keras.metrics.Mean(name="top_vq_loss")
         self.bottom_vq_loss_tracker = keras.metrics.Mean(name="bottom_vq_loss")
+
+    @property
+    def codebook_sizes(self):
+        return (self.top_num_embeddings, self.num_embeddings)
+
+    def get_config(self):
+        return {**super().get_config(), "top_num_embeddings": self.top_num_embeddings}
 
     def code_grids(self, image_size):
         """Sides of the top and bottom code maps of square images of side image_size."""
@@ -924,8 +940,8 @@ class VQVAE2(VQVAE):
         return self.decoder(self.decoder_latent(bottom, top))
 
     def encode_to_indices(self, images):
-        """Images (B, H, W, 1) -> top code maps (B, H/s, W/s) and bottom code maps
-        (B, 2H/s, 2W/s) of codes in [0, K), s = downsample."""
+        """Images (B, H, W, 1) -> top code maps (B, H/s, W/s) of codes in [0, K_top) and bottom
+        code maps (B, 2H/s, 2W/s) of codes in [0, K), s = downsample."""
         features = self.encoder(images)
         top = self.top_quantizer.code_indices(self.top_encoder(features))
         bottom_latent = self.bottom_latent(features, self.top_quantizer.lookup(top))

@@ -97,7 +97,7 @@ def test_loss_plot_marks_the_kept_epoch(tmp_path, rng):
 
 
 def test_validation_quality_has_whole_epochs(tmp_path, rng):
-    fig = driver.plot_validation_quality(vq_history(rng), K, tmp_path / "ssim.png")
+    fig = driver.plot_validation_quality(vq_history(rng), (K,), tmp_path / "ssim.png")
     assert_written_legibly(fig, tmp_path / "ssim.png")
     for ax in fig.axes:
         ticks = [tick for tick in ax.get_xticks() if 1 <= tick <= EPOCHS]
@@ -105,18 +105,22 @@ def test_validation_quality_has_whole_epochs(tmp_path, rng):
 
 
 def test_validation_quality_draws_each_levels_codebook(tmp_path, rng):
-    one = driver.plot_validation_quality(vq_history(rng), K, tmp_path / "one.png")
+    one = driver.plot_validation_quality(vq_history(rng), (K,), tmp_path / "one.png")
     history = vq_history(rng)
     history.update(val_bottom_codes_used=list(rng.uniform(0, 1, EPOCHS)),
                    val_bottom_codebook_perplexity=list(rng.uniform(1, K, EPOCHS)))
-    two = driver.plot_validation_quality(history, K, tmp_path / "two.png")
+    two = driver.plot_validation_quality(history, (K // 2, K), tmp_path / "two.png")
     labels = {line.get_label(): line for line in two.axes[1].get_lines()}
     assert {line.get_label() for line in one.axes[1].get_lines()} == {"codes used",
                                                                       "perplexity / K"}
     assert set(labels) == {"codes used", "perplexity / K", "bottom codes used",
                            "bottom perplexity / K"}
+    np.testing.assert_allclose(labels["perplexity / K"].get_ydata(),
+                               np.array(history["val_codebook_perplexity"]) / (K // 2))
     np.testing.assert_allclose(labels["bottom perplexity / K"].get_ydata(),
                                np.array(history["val_bottom_codebook_perplexity"]) / K)
+    assert one.axes[1].get_title() == f"validation codebook use (K = {K})"
+    assert two.axes[1].get_title() == f"validation codebook use (K = {K // 2} top, K = {K} bottom)"
 
 
 def test_code_colours_are_categorical_and_fixed():

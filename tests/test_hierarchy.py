@@ -14,6 +14,7 @@ from conftest import (BACKGROUND_RUNS, PIXEL_RANGE, TINY_MODELS, Scenario, asser
                       write_split_folders)
 
 K, D, DOWNSAMPLE, SIZE = 16, 4, 8, 32
+TOP_K = 8  # the tiny run's top codebook, smaller than the bottom one's K
 IMAGES = np.random.default_rng(0).uniform(*PIXEL_RANGE, (4, SIZE, SIZE, 1)).astype("float32")
 
 
@@ -40,6 +41,18 @@ def test_code_maps_have_the_top_and_bottom_grids():
     assert (model.levels, model.code_grids(256)) == (2, (32, 64))
     one_level = vqvae.VQVAE(K, D, pixel_range=PIXEL_RANGE, downsample=DOWNSAMPLE)
     assert (one_level.levels, one_level.code_grids(256)) == (1, (32,))
+
+
+def test_the_top_codebook_may_be_smaller():
+    model = two_level("ema", top_num_embeddings=TOP_K)
+    top, bottom = (np.asarray(codes) for codes in model.encode_to_indices(IMAGES))
+    assert model.codebook_sizes == (TOP_K, K)
+    assert tuple(model.top_quantizer.embeddings.shape) == (TOP_K, D)
+    assert tuple(model.quantizer.embeddings.shape) == (K, D)
+    assert top.max() < TOP_K and bottom.max() < K
+    copy = vqvae.VQVAE2.from_config(model.get_config())
+    assert copy.codebook_sizes == (TOP_K, K)
+    assert two_level().codebook_sizes == (K, K)  # VQ-VAE-2's one K for both, by default
 
 
 def test_decoding_the_codes_gives_the_reconstructions():
@@ -221,7 +234,7 @@ def start_two_level_run(root):
     out, trained_metrics = root / "out", root / "trained_metrics.json"
     trained_output = root / "trained_output.txt"
     args = ["--data", data, "--out", out, "--image-size", SIZE, "--downsample", DOWNSAMPLE,
-            "--levels", "2", "--pcnn-mirror", *TINY_MODELS, "--num-samples", "10",
+            "--levels", "2", "--pcnn-mirror", *TINY_MODELS, "--top-K", TOP_K, "--num-samples", "10",
             "--verbose", "0"]
 
     def train_then_evaluate(processes):
@@ -252,9 +265,10 @@ def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_ru
     assert {path.name for path in (out / "checkpoints").glob("*.keras")} == {
         "vqvae.keras", "pixelcnn.keras", "pixelcnn_bottom.keras"}
     metrics = json.loads(two_level_run["trained_metrics"].read_text())
-    for level in ("", "bottom_"):
+    for level, codebook_size in (("", TOP_K), ("bottom_", K)):
         assert 0 < metrics["vqvae"][f"{level}codes_used"] <= 1
-        assert 0 < metrics["pixelcnn"][f"{level}test_nll_bits"] < 2 * np.log2(K)
+        assert metrics["pixelcnn"][f"{level}uniform_bits"] == np.log2(codebook_size)
+        assert 0 < metrics["pixelcnn"][f"{level}test_nll_bits"] < 2 * np.log2(codebook_size)
     assert len(list((out / "samples").glob("*.png"))) == 10
     # the bottom prior scored alone, printed among the two-sample accuracies
     assert 0 <= metrics["samples"]["c2st_bottom_given_top"] <= 1
@@ -263,9 +277,9 @@ def test_a_two_level_run_writes_both_priors_and_each_levels_metrics(two_level_ru
     assert (out / "bottom_prior.png").exists()
     # each codebook's use on the validation slices, after every epoch
     (epoch,) = json.loads((out / "checkpoints" / "vqvae_history.json").read_text())
-    for level in ("", "bottom_"):
+    for level, codebook_size in (("", TOP_K), ("bottom_", K)):
         assert 0 < epoch[f"val_{level}codes_used"] <= 1
-        assert 1 <= epoch[f"val_{level}codebook_perplexity"] <= K
+        assert 1 <= epoch[f"val_{level}codebook_perplexity"] <= codebook_size
 
 
 def test_only_the_top_prior_learns_from_the_mirror_images_too(two_level_run):

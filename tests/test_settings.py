@@ -11,6 +11,7 @@ import data
 import driver
 import pixelcnn
 import runs
+from conftest import one_line_error
 
 
 def test_every_flag_is_a_setting_and_every_setting_a_flag():
@@ -92,3 +93,25 @@ def test_attention_goes_into_the_top_prior_only():
     assert attends(prior.build(8, (4, 4)))
     assert not attends(prior.build(8, (8, 8), top_grid=(4, 4)))
     assert not attends(driver.parse_args(tiny).prior.build(8, (4, 4)))
+
+
+def test_the_top_codebook_size_reaches_both_priors():
+    """--top-K: the top prior draws top codes and the bottom prior reads them; both have K_top
+    of them, while the bottom prior draws K."""
+    tiny = ["--pcnn-filters", "8", "--pcnn-res-blocks", "1"]
+    settings = driver.parse_args([*tiny, "--K", "16", "--top-K", "4"])
+    top_k, k = settings.vqvae.codebook_sizes
+    top_prior = settings.prior.build(top_k, (4, 4))
+    bottom_prior = settings.prior.build(k, (8, 8), top_grid=(4, 4), top_embeddings=top_k)
+    assert (top_k, k) == (4, 16)
+    assert top_prior.output_shape[-1] == 4 and bottom_prior.output_shape[-1] == 16
+    (top_stack,) = [layer for layer in bottom_prior.layers
+                    if isinstance(layer, pixelcnn.TopCodeStack)]
+    assert top_stack.num_embeddings == 4
+    assert driver.parse_args(["--K", "16"]).vqvae.codebook_sizes == (16, 16)
+    assert driver.parse_args(["--levels", "1", "--K", "16"]).vqvae.codebook_sizes == (16,)
+
+
+def test_a_top_codebook_without_a_top_level_is_refused(capsys):
+    message = one_line_error(capsys, ["--levels", "1", "--top-K", "8"])
+    assert "--top-K" in message and "--levels 1" in message
