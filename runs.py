@@ -182,9 +182,9 @@ class VQVAEConfig:
 
     def build(self, pixel_range, data_variance):
         """The VQ-VAE (VQ-VAE-2 with two levels), uncompiled."""
-        levels = {"top_num_embeddings": self.top_K} if self.levels == 2 else {}
+        top_level = {"top_num_embeddings": self.top_K} if self.levels == 2 else {}
         model = vqvae.VQVAE2 if self.levels == 2 else vqvae.VQVAE
-        return model(self.K, self.D, beta=self.beta, data_variance=data_variance, **levels,
+        return model(self.K, self.D, beta=self.beta, data_variance=data_variance, **top_level,
                      pixel_range=pixel_range, downsample=self.downsample,
                      quantizer=self.quantizer, ema_decay=self.ema_decay,
                      restart_threshold=self.restart_threshold,
